@@ -1,0 +1,146 @@
+"""Throughput benchmark: our GR backbone vs a token-level TIGER-size reference, same machine, same run.
+
+Measures (on the real training samples of a data set):
+  - training samples/s of `gflowgr.GRModel` (one encoder position per history item,
+    batches padded to their own longest history, length-bucketed) with the config of a run;
+  - training samples/s of a token-level TIGER reference: nn.Transformer, 4+4 layers,
+    d_model 128, d_ff 1024, every history item as its L tokens, source padded to
+    max_his_len * L = 80 tokens, one softmax over all L*V tokens (as TIGER's T5 does);
+  - constrained beam-search users/s (beam 20, top 10) of GRModel.
+The speed-up is the ratio of the first two, measured in one process.
+
+Usage: `python bench.py --dataset beauty --steps 20`
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data as data_mod
+from data import DataConfig
+from gflowgr import GRModel, ModelConfig
+from losses import gr_loss
+from tokenizer import TokenizerConfig, Trie, add_dedup_level
+
+
+class TokenTiger(nn.Module):
+    """Reference only: a TIGER-size token-level encoder-decoder (no trie, no caching)."""
+
+    def __init__(self, L: int, V: int, d: int = 128, layers: int = 4, d_ff: int = 1024, src_len: int = 80):
+        super().__init__()
+        self.L, self.V = L, V
+        self.emb = nn.Embedding(L * V + 2, d)  # + pad + bos
+        self.pos = nn.Embedding(src_len, d)
+        self.tf = nn.Transformer(d, 4, layers, layers, d_ff, dropout=0.1, batch_first=True)
+        self.out = nn.Linear(d, L * V)
+
+    def forward(self, src, src_pad, tgt_in):
+        x = self.emb(src) + self.pos.weight[: src.shape[1]]
+        y = self.emb(tgt_in)
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1])
+        return self.out(self.tf(x, y, tgt_mask=causal, src_key_padding_mask=src_pad))
+
+
+def batches(split, batch_size, n_steps, gen):
+    """Length-bucketed random batches, as train.py forms them."""
+    perm = torch.randperm(len(split.target), generator=gen)[: batch_size * n_steps]
+    hist_len = torch.as_tensor(split.hist_len)[perm]
+    perm = perm[torch.argsort(hist_len, stable=True)]
+    out = list(perm.split(batch_size))
+    return [out[i] for i in torch.randperm(len(out), generator=gen)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="beauty")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per model")
+    p.add_argument("--ref-steps", type=int, default=5, help="timed steps of the (slow) token-level reference")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--eval-users", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    ds = data_mod.load_dataset(DataConfig(dataset=a.dataset, data_dir=a.data_dir))
+    splits = data_mod.split_leave_one_out(ds, 20)
+    tr = splits["train"]
+    # random semantic IDs of the real shape: throughput does not depend on which IDs
+    tok = TokenizerConfig()
+    codes = add_dedup_level(torch.randint(0, tok.codebook_size, (ds.n_items, tok.levels)), tok.codebook_size)
+    trie = Trie.build(codes, tok.codebook_size)
+    L, V = codes.shape[1], tok.codebook_size
+    hist, hist_len, target = (torch.as_tensor(getattr(tr, k)) for k in ("hist", "hist_len", "target"))
+    gen = torch.Generator().manual_seed(0)
+    res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
+           "dataset": a.dataset, "batch_size": a.batch_size}
+
+    model = GRModel(ModelConfig(), trie)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    model.train()
+
+    def step_ours(b):
+        hl = hist_len[b]
+        log_pf, _ = model(hist[b][:, : int(hl.max())], hl, target[b])
+        loss = gr_loss(log_pf)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    ref = TokenTiger(L, V)
+    ref_opt = torch.optim.AdamW(ref.parameters(), 1e-3)
+    ref.train()
+    offset = torch.arange(L) * V
+
+    def step_ref(b):
+        h = hist[b]  # (B, 20) item ids, -1 pad
+        src = (codes[h.clamp_min(0)] + offset).flatten(1)  # (B, 80) tokens
+        src_pad = (h < 0).repeat_interleave(L, 1)
+        src = src.masked_fill(src_pad, L * V)
+        tgt = codes[target[b]] + offset  # (B, L)
+        tgt_in = torch.cat([torch.full((len(b), 1), L * V + 1), tgt[:, :-1]], 1)
+        logits = ref(src, src_pad, tgt_in)
+        loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+
+    for name, fn, n in (("ours", step_ours, a.steps), ("token_tiger_ref", step_ref, a.ref_steps)):
+        bs = batches(tr, a.batch_size, n + 2, gen)
+        for b in bs[:2]:  # warm-up
+            fn(b)
+        t0 = time.perf_counter()
+        for b in bs[2:]:
+            fn(b)
+        res[f"train_samples_per_s/{name}"] = n * a.batch_size / (time.perf_counter() - t0)
+        print(f"{name:>16}: {res[f'train_samples_per_s/{name}']:8.1f} training samples/s")
+    res["speedup"] = res["train_samples_per_s/ours"] / res["train_samples_per_s/token_tiger_ref"]
+    res["sft_epoch_minutes_est"] = len(tr) / res["train_samples_per_s/ours"] / 60
+    print(f"speed-up {res['speedup']:.1f}x; one {a.dataset} epoch ({len(tr):,} samples) ~ {res['sft_epoch_minutes_est']:.1f} min")
+
+    model.eval()
+    te = splits["test"]
+    idx = torch.arange(min(a.eval_users, len(te.target)))
+    th, thl = torch.as_tensor(te.hist)[idx], torch.as_tensor(te.hist_len)[idx]
+    order = torch.argsort(thl, stable=True)
+    t0 = time.perf_counter()
+    for c in order.split(512):
+        model.beam_search(th[c][:, : int(thl[c].max())], thl[c], beam=20, topk=10)
+    res["beam_users_per_s"] = len(idx) / (time.perf_counter() - t0)
+    res["all_test_users_s_est"] = len(te.target) / res["beam_users_per_s"]
+    print(f"beam search: {res['beam_users_per_s']:.0f} users/s; all {len(te.target):,} test users ~ {res['all_test_users_s_est']:.0f} s")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The pipeline end to end on `toy`: artefacts, MostPop reference, caching, evaluation alignment, CLI errors."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data as data_mod
+from conftest import tiny_config
+from gflowgr import GRModel
+from metrics import ranking_metrics
+from train import Config, cli, evaluate, main, parse_config, recommend, to_tensors
+
+KEYS = {"hr@5", "hr@10", "ndcg@5", "ndcg@10"}
+
+
+def run_dir(cfg):
+    return Path(cfg.train.out) / f"toy__sft__seed{cfg.train.seed}"
+
+
+def test_run_writes_all_artefacts(toy_run):
+    cfg, metrics, _ = toy_run
+    d = run_dir(cfg)
+    saved = json.loads((d / "metrics.json").read_text())
+    assert set(saved["test"]) == KEYS and set(saved["valid"]) == KEYS
+    assert saved["test"] == metrics["test"]
+    assert json.loads((d / "config.json").read_text())["data"]["dataset"] == "toy"
+    curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/gr" in row for row in curves) and any("eval/valid_ndcg@10" in row for row in curves)
+    ckpt = torch.load(d / "checkpoint.pt")
+    assert {"model", "model_args", "step", "config"} <= set(ckpt)
+    assert ckpt["step"] > 0
+
+
+def test_sft_beats_mostpop_on_toy(toy_run):
+    _, metrics, _ = toy_run
+    assert metrics["test"]["hr@10"] > metrics["mostpop"]["test"]["hr@10"] + 0.1
+    assert metrics["valid"]["ndcg@10"] > metrics["mostpop"]["valid"]["ndcg@10"]
+
+
+def test_checkpoint_rebuilds_the_model_and_reproduces_test_metrics(toy_run):
+    cfg, metrics, _ = toy_run
+    ckpt = torch.load(run_dir(cfg) / "checkpoint.pt")
+    model = GRModel.from_state(ckpt["model_args"], ckpt["model"])
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    test = to_tensors(data_mod.split_leave_one_out(ds)["test"], "cpu")
+    assert evaluate(model, test, cfg.train) == pytest.approx(metrics["test"])
+
+
+def test_recommend_keeps_rows_aligned_with_samples(toy_run):
+    """recommend() sorts by history length for speed; row j must still belong to sample idx[j]."""
+    cfg, _, _ = toy_run
+    ckpt = torch.load(run_dir(cfg) / "checkpoint.pt")
+    model = GRModel.from_state(ckpt["model_args"], ckpt["model"]).eval()
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    t = to_tensors(data_mod.split_leave_one_out(ds)["valid"], "cpu")
+    idx = torch.tensor([7, 3, 120, 0, 55, 9])
+    items, _ = recommend(model, t, cfg.train, idx)
+    for row, i in zip(items, idx):
+        hl = t["hist_len"][i : i + 1]
+        direct, _ = model.beam_search(t["hist"][i : i + 1, : int(hl)], hl, beam=cfg.train.beam, topk=cfg.train.topk)
+        assert row.tolist() == direct[0].tolist()
+
+
+def test_second_run_uses_the_cache(toy_run):
+    cfg, metrics, _ = toy_run
+    lines = []
+    again = main(cfg, log=lines.append)
+    text = "\n".join(lines)
+    assert "[cache] SFT checkpoint" in text and "[cache] semantic IDs" in text and "[cache] item embeddings" in text
+    assert again["test"] == metrics["test"]
+
+
+def test_mostpop_uses_training_popularity(toy_run):
+    cfg, metrics, _ = toy_run
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    splits = data_mod.split_leave_one_out(ds)
+    top = np.argsort(-data_mod.item_popularity(ds), kind="stable")[:10]
+    expected = ranking_metrics(np.tile(top, (len(splits["test"]), 1)), splits["test"].target)
+    assert metrics["mostpop"]["test"] == pytest.approx(expected)
+
+
+def test_parse_config_preset_then_flags():
+    cfg = parse_config(["--dataset", "toy", "--epochs", "3", "--d-model", "32"])
+    assert cfg.train.epochs == 3 and cfg.model.d_model == 32
+    assert cfg.tok.codebook_size == 16  # from the toy preset
+    assert parse_config(["--dataset", "beauty"]).tok.codebook_size == 256
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "movies"], "unknown dataset 'movies'"),
+    (["--method", "magic"], "unknown method 'magic'"),
+    (["--beam", "5"], "--beam (5) must be at least --topk (10)"),
+])
+def test_cli_bad_flags_give_one_clear_error(argv, message, capsys):
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_missing_data_offline(tmp_path, monkeypatch, capsys):
+    def offline(url, dest):
+        raise data_mod.DataError(f"could not download {url}: network unreachable")
+
+    monkeypatch.setattr(data_mod, "download", offline)
+    monkeypatch.delenv("GFLOWGR_DATA", raising=False)
+    assert cli(["--dataset", "beauty", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and "GFLOWGR_DATA" in err and "reviews_Beauty_5.json.gz" in err
+    assert not (tmp_path / "runs" / "beauty__sft__seed42").exists()

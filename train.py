@@ -1,0 +1,490 @@
+"""Command line for the whole pipeline: data -> semantic IDs -> SFT -> beam search -> metrics.
+
+Paper Sec. 4 (experimental setup): leave-one-out split, TIGER-style GR backbone trained
+with L_GR (Eq. 1), exact trie-constrained beam search, HR@5/10 and NDCG@5/10 on the test
+users, next to a MostPop reference computed by the same evaluation code.
+
+Every expensive stage is cached under `runs/<dataset>/<stage>-<key>/`, keyed by a hash of
+the config that produced it, so a second run skips it and says so. Each run writes
+`runs/<dataset>__<method>__seed<seed>/` with config.json, metrics.json, metrics.jsonl and
+checkpoint.pt ({model, model_args, step, config}).
+
+Usage: `python train.py --dataset toy --method sft`   (or `main(Config(...))` in Python)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import data as data_mod
+from data import DataConfig, DataError, Split
+from gflowgr import GRModel, ModelConfig
+from losses import gr_loss
+from metrics import ranking_metrics
+from tokenizer import TokenizerConfig, Trie, build_semantic_ids, embed_texts
+
+METHODS = ("sft",)
+
+
+@dataclass
+class TrainConfig:
+    method: str = field(default="sft", metadata={"help": f"training method: {' | '.join(METHODS)}"})
+    seed: int = field(default=42, metadata={"help": "random seed (the paper reports 42, 43, 44)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    out: str = field(default="runs", metadata={"help": "folder for runs and cached stages"})
+    epochs: int = field(default=30, metadata={"help": "maximum SFT epochs"})
+    batch_size: int = field(default=256, metadata={"help": "training batch size"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=300, metadata={"help": "linear warm-up steps, then cosine decay"})
+    patience: int = field(default=3, metadata={"help": "early stopping: evaluations without a better valid NDCG@10"})
+    eval_users: int = field(default=0, metadata={"help": "valid users scored after each epoch for early stopping (0 = all)"})
+    beam: int = field(default=20, metadata={"help": "beam width of the constrained beam search"})
+    topk: int = field(default=10, metadata={"help": "length of the recommendation list"})
+    eval_batch: int = field(default=512, metadata={"help": "users per beam-search batch"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tok: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Per-data-set overrides of the defaults; flags given on the command line win.
+PRESETS = {
+    "toy": {"tok.codebook_size": 16, "tok.rq_epochs": 150, "tok.rq_batch": 256, "model.d_model": 64, "model.d_ff": 256,
+            "train.epochs": 40, "train.batch_size": 128, "train.lr": 3e-3, "train.warmup_steps": 50, "train.patience": 5},
+    "beauty": {"train.epochs": 20, "train.eval_users": 5000},
+    "yelp": {"train.epochs": 20, "train.eval_users": 5000},
+}
+DERIVED = {"model.max_his_len"}  # filled from data.max_his_len after parsing
+
+
+# ----------------------------------------------------------------------------------------
+# Config <-> command line
+# ----------------------------------------------------------------------------------------
+
+
+def _fields(cfg: Config):
+    for group in dataclasses.fields(cfg):
+        sub = getattr(cfg, group.name)
+        for f in dataclasses.fields(sub):
+            if f"{group.name}.{f.name}" not in DERIVED:
+                yield group.name, f, sub
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="GFlowGR reference implementation: train and evaluate a generative recommender.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for group, f, sub in _fields(Config()):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(getattr(sub, f.name))
+        kw = {"dest": f"{group}.{f.name}", "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "data_dir":
+            p.add_argument(flag, type=str, **kw)
+        else:
+            p.add_argument(flag, type=kind, **kw)
+    return p
+
+
+def set_field(cfg: Config, dotted: str, value) -> None:
+    group, name = dotted.split(".")
+    setattr(getattr(cfg, group), name, value)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Defaults <- dataset preset <- explicit flags, then derived fields."""
+    given = vars(build_parser().parse_args(argv))
+    cfg = Config()
+    dataset = given.get("data.dataset", cfg.data.dataset)
+    if dataset not in PRESETS:
+        raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(PRESETS)}")
+    for dotted, value in {**PRESETS[dataset], **given}.items():
+        set_field(cfg, dotted, value)
+    return finalize(cfg)
+
+
+def finalize(cfg: Config) -> Config:
+    """Fill derived fields and reject settings that cannot work, with a message saying why."""
+    cfg.model.max_his_len = cfg.data.max_his_len
+    t = cfg.train
+    if cfg.data.dataset not in PRESETS:
+        raise DataError(f"unknown dataset {cfg.data.dataset!r}: choose one of {', '.join(PRESETS)}")
+    if t.method not in METHODS:
+        raise DataError(f"unknown method {t.method!r}: choose one of {', '.join(METHODS)}")
+    if t.beam < t.topk:
+        raise DataError(f"--beam ({t.beam}) must be at least --topk ({t.topk})")
+    if t.topk < 10:
+        raise DataError("--topk must be at least 10 to report HR@10 and NDCG@10")
+    return cfg
+
+
+def apply_preset(cfg: Config) -> Config:
+    """For in-process callers: start from the dataset preset, keeping fields already changed from the defaults."""
+    base, out = Config(), copy.deepcopy(cfg)
+    for dotted, value in PRESETS.get(cfg.data.dataset, {}).items():
+        group, name = dotted.split(".")
+        if getattr(getattr(cfg, group), name) == getattr(getattr(base, group), name):
+            set_field(out, dotted, value)
+    return finalize(out)
+
+
+# ----------------------------------------------------------------------------------------
+# Small utilities: seeding, device, hashing, atomic files
+# ----------------------------------------------------------------------------------------
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def stage_key(*parts) -> str:
+    """Short stable hash of the configs that determine a stage's output."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------------------
+# Stages 1-2: item embeddings and semantic IDs (cached)
+# ----------------------------------------------------------------------------------------
+
+
+def semantic_ids(ds, cfg: Config, log=print) -> tuple[Trie, dict, str]:
+    """Item text -> embeddings -> unique semantic IDs -> trie, each stage cached on disk."""
+    root = Path(cfg.train.out) / ds.name
+    tok = cfg.tok
+    emb_key = stage_key(ds.name, ds.n_items, tok.embedder, tok.emb_dim if tok.embedder == "tfidf" else None)
+    emb_path = root / f"emb-{emb_key}" / "emb.pt"
+    if emb_path.exists():
+        log(f"[cache] item embeddings: {emb_path}")
+        emb = torch.load(emb_path)
+    else:
+        t0 = time.time()
+        emb = embed_texts(ds.texts(), tok)
+        atomic_save(emb, emb_path)
+        log(f"[stage] item embeddings ({tok.embedder}) {tuple(emb.shape)} in {time.time() - t0:.1f}s -> {emb_path}")
+    ids_key = stage_key(emb_key, asdict(tok), cfg.train.seed)
+    ids_path = root / f"ids-{ids_key}" / "codes.pt"
+    if ids_path.exists():
+        log(f"[cache] semantic IDs: {ids_path}")
+        saved = torch.load(ids_path)
+        codes, report = saved["codes"], saved["report"]
+    else:
+        t0 = time.time()
+        codes, report = build_semantic_ids(emb, tok, seed=cfg.train.seed, log=log)
+        report["seconds"] = time.time() - t0
+        atomic_save({"codes": codes, "report": report}, ids_path)
+        log(f"[stage] semantic IDs ({tok.id_method}) in {report['seconds']:.1f}s -> {ids_path}")
+    log(f"        codebook usage per level {report['usage_per_level']} of {report['codebook_size']}, "
+        f"collision rate before dedup {report['collision_rate']:.2%} (max {report['max_items_per_id']} items per ID)")
+    t0 = time.time()
+    trie = Trie.build(codes, tok.codebook_size)
+    report["trie_seconds"] = time.time() - t0
+    report["trie_nodes"] = trie.n_nodes
+    return trie, report, ids_key
+
+
+# ----------------------------------------------------------------------------------------
+# Batching and evaluation
+# ----------------------------------------------------------------------------------------
+
+
+def to_tensors(split: Split, device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(getattr(split, k), device=device) for k in ("hist", "hist_len", "target", "user")}
+
+
+def length_bucketed_batches(hist_len: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffle, sort by history length within chunks of 50 batches, shuffle the batches.
+
+    Samples of similar length share a batch, so each batch is padded only to its own
+    (short: median 4 items on Beauty) longest history.
+    """
+    perm = torch.randperm(len(hist_len), generator=gen)
+    batches = []
+    for chunk in perm.split(batch_size * 50):
+        chunk = chunk[torch.argsort(hist_len[chunk], stable=True)]
+        batches.extend(chunk.split(batch_size))
+    order = torch.randperm(len(batches), generator=gen)
+    return [batches[i] for i in order]
+
+
+def trim(hist: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
+    """Cut the padding columns no row in this batch needs."""
+    return hist[:, : int(hist_len.max())]
+
+
+@torch.no_grad()
+def recommend(model: GRModel, t: dict, cfg: TrainConfig, idx: torch.Tensor | None = None, desc: str = "eval"):
+    """Beam-search top-k lists for the samples `idx` (default all): items (N, k), log-probs (N, k)."""
+    model.eval()
+    n = len(t["target"])
+    idx = torch.arange(n) if idx is None else idx
+    # sort by length so each beam-search batch is padded only to its own longest history
+    order = idx[torch.argsort(t["hist_len"][idx].cpu(), stable=True)]
+    items = torch.empty(len(idx), cfg.topk, dtype=torch.long)
+    scores = torch.empty(len(idx), cfg.topk)
+    pos = torch.empty(n, dtype=torch.long)
+    pos[idx] = torch.arange(len(idx))  # where sample idx[j] goes in the output: row j
+    for chunk in tqdm(order.split(cfg.eval_batch), desc=desc, leave=False):
+        hl = t["hist_len"][chunk]
+        it, sc = model.beam_search(trim(t["hist"][chunk], hl), hl, beam=cfg.beam, topk=cfg.topk)
+        items[pos[chunk]] = it.cpu()
+        scores[pos[chunk]] = sc.cpu()
+    return items, scores
+
+
+def evaluate(model: GRModel, t: dict, cfg: TrainConfig, idx=None, desc="eval") -> dict[str, float]:
+    items, _ = recommend(model, t, cfg, idx, desc)
+    target = t["target"].cpu() if idx is None else t["target"].cpu()[idx]
+    return ranking_metrics(items, target)
+
+
+def mostpop_metrics(ds, splits: dict[str, Split], k: int) -> dict[str, dict]:
+    """MostPop: every user gets the k items most frequent in the training part, scored by the same code."""
+    top = np.argsort(-data_mod.item_popularity(ds), kind="stable")[:k]
+    return {name: ranking_metrics(np.tile(top, (len(splits[name]), 1)), splits[name].target) for name in ("valid", "test")}
+
+
+# ----------------------------------------------------------------------------------------
+# Stage 3: SFT of the GR backbone (cached)
+# ----------------------------------------------------------------------------------------
+
+
+class JsonlLogger:
+    """Append training curves to metrics.jsonl, one JSON object per line, keys grouped by prefix."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.f = path, open(path, "w")
+
+    def log(self, **row) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg: TrainConfig, logger: JsonlLogger, log=print) -> dict:
+    """Minimise L_GR (Eq. 1) with AdamW, warm-up + cosine schedule, early stopping on valid NDCG@10."""
+    params_decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n and "pos" not in n]
+    params_rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n and "pos" not in n)]
+    opt = torch.optim.AdamW([{"params": params_decay, "weight_decay": cfg.weight_decay},
+                             {"params": params_rest, "weight_decay": 0.0}], lr=cfg.lr)
+    n_batches = math.ceil(len(train_t["target"]) / cfg.batch_size)
+    total = cfg.epochs * n_batches
+
+    def lr_at(step):  # linear warm-up, then cosine decay to 10% of the peak
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_valid = len(valid_t["target"])
+    eval_idx = None
+    if 0 < cfg.eval_users < n_valid:  # fixed subsample, the same for every epoch
+        eval_idx = torch.randperm(n_valid, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_users]
+    best = {"ndcg@10": -1.0, "epoch": -1, "state": None}
+    step, bad, t_train, n_seen = 0, 0, 0.0, 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        t0 = time.time()
+        bar = tqdm(length_bucketed_batches(train_t["hist_len"].cpu(), cfg.batch_size, gen), desc=f"sft epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        run_loss = None
+        for b in bar:
+            b = b.to(train_t["target"].device)
+            hl = train_t["hist_len"][b]
+            log_pf, _ = model(trim(train_t["hist"][b], hl), hl, train_t["target"][b])
+            loss = gr_loss(log_pf)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite SFT loss or gradient at step {step} (loss {loss.item()}, grad norm {grad_norm.item()})")
+            opt.step()
+            sched.step()
+            step += 1
+            n_seen += len(b)
+            run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{run_loss:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+                logger.log(step=step, epoch=epoch, **{"loss/gr": run_loss, "charts/lr": sched.get_last_lr()[0]})
+        t_train += time.time() - t0
+        t1 = time.time()
+        val = evaluate(model, valid_t, cfg, eval_idx, desc="valid")
+        t_eval = time.time() - t1
+        sps = n_seen / t_train
+        logger.log(step=step, epoch=epoch + 1, **{f"eval/valid_{k}": v for k, v in val.items()},
+                   **{"loss/gr": run_loss, "charts/samples_per_s": sps, "charts/epoch_seconds": time.time() - t0, "charts/eval_seconds": t_eval})
+        improved = val["ndcg@10"] > best["ndcg@10"]
+        log(f"epoch {epoch + 1:3d}  loss {run_loss:.4f}  valid HR@10 {val['hr@10']:.4f} NDCG@10 {val['ndcg@10']:.4f}"
+            f"  ({sps:.0f} samples/s, eval {t_eval:.1f}s){'  *' if improved else ''}")
+        if improved:
+            best = {"ndcg@10": val["ndcg@10"], "epoch": epoch + 1, "step": step, "state": copy.deepcopy(model.state_dict())}
+            bad = 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                log(f"early stop: no better valid NDCG@10 for {cfg.patience} epochs (best epoch {best['epoch']})")
+                break
+    model.load_state_dict(best["state"])
+    return {"best_epoch": best["epoch"], "step": best["step"], "epochs_run": epoch + 1, "train_seconds": t_train,
+            "samples_per_s": n_seen / max(t_train, 1e-9)}
+
+
+def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) -> tuple[GRModel, dict, Path]:
+    """Train (or load the cached) SFT backbone. Returns the model, its info and the stage folder."""
+    t = cfg.train
+    key = stage_key(ids_key, asdict(cfg.model), {k: v for k, v in asdict(t).items() if k not in ("method", "device", "out", "eval_batch", "threads")})
+    stage = Path(t.out) / ds.name / f"sft-{key}"
+    ckpt_path = stage / "checkpoint.pt"
+    if ckpt_path.exists():
+        log(f"[cache] SFT checkpoint: {ckpt_path} (skipping training)")
+        ckpt = torch.load(ckpt_path, map_location=device)
+        model = GRModel.from_state(ckpt["model_args"], ckpt["model"]).to(device)
+        return model, ckpt["info"], stage
+    set_seed(t.seed)
+    model = GRModel(cfg.model, trie).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[stage] SFT: {n_params / 1e6:.2f}M parameters, {len(splits['train']):,} training samples, device {device}")
+    logger = JsonlLogger(stage / "metrics.jsonl")
+    info = train_sft(model, to_tensors(splits["train"], device), to_tensors(splits["valid"], device), t, logger, log)
+    logger.close()
+    info["n_params"] = n_params
+    atomic_save({"model": model.state_dict(), "model_args": model.model_args(), "step": info["step"],
+                 "config": asdict(cfg), "info": info}, ckpt_path)
+    return model, info, stage
+
+
+# ----------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------
+
+
+def format_table(rows: list[tuple[str, str, dict]]) -> str:
+    cols = ["hr@5", "hr@10", "ndcg@5", "ndcg@10"]
+    lines = [f"{'split':<6} {'model':<10} " + " ".join(f"{c.upper().replace('NDCG', 'NDCG'):>8}" for c in cols)]
+    lines.append("-" * len(lines[0]))
+    for split, name, m in rows:
+        lines.append(f"{split:<6} {name:<10} " + " ".join(f"{m[c]:>8.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def main(cfg: Config, log=print) -> dict:
+    """Run the pipeline for cfg.train.method and return the metrics dict that metrics.json holds."""
+    cfg = finalize(cfg)
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    timing, t_start = {}, time.time()
+
+    t0 = time.time()
+    ds = data_mod.load_dataset(cfg.data, verbose=True)
+    splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
+    timing["data_s"] = time.time() - t0
+    log(f"split: {len(splits['train']):,} train / {len(splits['valid']):,} valid / {len(splits['test']):,} test samples")
+
+    t0 = time.time()
+    trie, tok_report, ids_key = semantic_ids(ds, cfg, log)
+    timing["semantic_ids_s"] = time.time() - t0
+
+    t0 = time.time()
+    model, info, stage = sft_stage(ds, splits, trie, ids_key, cfg, device, log)
+    timing["sft_s"] = time.time() - t0
+
+    eval_path = stage / "eval.json"
+    if eval_path.exists():  # evaluation of a cached checkpoint is deterministic: reuse it
+        log(f"[cache] evaluation: {eval_path}")
+        ev = json.loads(eval_path.read_text())
+    else:
+        t0 = time.time()
+        ev = {name: evaluate(model, to_tensors(splits[name], device), t, desc=name) for name in ("valid", "test")}
+        ev["eval_seconds"] = time.time() - t0
+        ev["eval_users_per_s"] = (len(splits["valid"]) + len(splits["test"])) / ev["eval_seconds"]
+        atomic_write_json(ev, eval_path)
+    pop = mostpop_metrics(ds, splits, t.topk)
+    timing["total_s"] = time.time() - t_start
+
+    run_dir = Path(t.out) / f"{ds.name}__{t.method}__seed{t.seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = {"test": ev["test"], "valid": ev["valid"], "mostpop": pop, "sft": info, "tokenizer": tok_report,
+              "eval": {k: ev[k] for k in ("eval_seconds", "eval_users_per_s") if k in ev},
+              "timing": timing, "peak_memory_mb": peak_memory_mb(), "stage": str(stage)}
+    atomic_write_json(asdict(cfg), run_dir / "config.json")
+    shutil.copyfile(stage / "metrics.jsonl", run_dir / "metrics.jsonl.tmp")
+    os.replace(run_dir / "metrics.jsonl.tmp", run_dir / "metrics.jsonl")
+    shutil.copyfile(stage / "checkpoint.pt", run_dir / "checkpoint.pt.tmp")
+    os.replace(run_dir / "checkpoint.pt.tmp", run_dir / "checkpoint.pt")
+    atomic_write_json(result, run_dir / "metrics.json")
+
+    rows = [(split, name, m) for split in ("test", "valid") for name, m in ((t.method.upper(), ev[split]), ("MostPop", pop[split]))]
+    log("\n" + format_table(rows))
+    log(f"\nrun folder: {run_dir}   total {timing['total_s']:.0f}s")
+    return result
+
+
+def cli(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        main(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
