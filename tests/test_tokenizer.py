@@ -4,6 +4,7 @@ import itertools
 import pytest
 import torch
 
+from data import DataError
 from tokenizer import RQVAE, TokenizerConfig, Trie, add_dedup_level, build_semantic_ids, id_report, kmeans, tfidf_svd, train_rqvae
 
 
@@ -51,7 +52,7 @@ def test_dedup_level_makes_ids_unique_hand_example():
     rep = id_report(codes, 4)
     assert rep["collision_rate"] == pytest.approx(1 - 3 / 5)
     assert rep["items_in_collisions"] == 3 and rep["max_items_per_id"] == 3
-    with pytest.raises(ValueError, match="dedup"):
+    with pytest.raises(DataError, match="dedup"):
         add_dedup_level(torch.zeros(5, 2, dtype=torch.long), codebook_size=4)
 
 
