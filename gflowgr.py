@@ -203,18 +203,26 @@ class GRModel(nn.Module):
         """
         return F.log_softmax(logits + self.trie_mask[nodes], dim=-1)
 
-    def forward(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor):
-        """Per-step log P_F along each target item's path, and the prefix hidden states.
+    def trajectories(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor):
+        """Per-step log P_F along the paths of M items per user (the user is encoded once).
 
-        Returns log_pf (B, L): log P_F(t_l | U, s_{l-1}) for l = 1..L, and h (B, L, d), the
-        decoder state of s_0..s_{L-1} (the flow head log F(s_l) attaches there).
+        items (B, M) -> log_pf (B, M, L): log P_F(t_l | U, s_{l-1}) for l = 1..L;
+        h (B, M, L, d): decoder states of s_0..s_{L-1} (where log F(s_l) is read);
+        mem (B, S, d), mask (B, 1, 1, S): the encoded history (where log Z(U) is read).
         """
+        B, M = items.shape
         mem, mask = self.encode(hist, hist_len)
-        h = self.decode(mem, mask, items)  # (B, L, d)
-        nodes = self.trie_item_nodes[items, : self.L]  # (B, L): s_0..s_{L-1}
-        log_pf_all = self.masked_log_pf(self.logits(h), nodes)  # (B, L, V)
-        log_pf = log_pf_all.gather(2, self.item_codes[items][..., None]).squeeze(2)  # (B, L)
-        return log_pf, h
+        flat = items.flatten()  # (B*M,)
+        h = self.decode(mem.repeat_interleave(M, 0), mask.repeat_interleave(M, 0), flat)  # (B*M, L, d)
+        nodes = self.trie_item_nodes[flat, : self.L]  # (B*M, L): s_0..s_{L-1}
+        log_pf_all = self.masked_log_pf(self.logits(h), nodes)  # (B*M, L, V)
+        log_pf = log_pf_all.gather(2, self.item_codes[flat][..., None]).squeeze(2)  # (B*M, L)
+        return log_pf.view(B, M, self.L), h.view(B, M, self.L, -1), mem, mask
+
+    def forward(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor):
+        """One target item per user: log_pf (B, L) = log P_F(t_l | U, s_{l-1}), h (B, L, d)."""
+        log_pf, h, _, _ = self.trajectories(hist, hist_len, items[:, None])
+        return log_pf[:, 0], h[:, 0]
 
     # -- inference --------------------------------------------------------------------------
     @torch.no_grad()
@@ -249,3 +257,37 @@ class GRModel(nn.Module):
             x = self.code_emb(token + self.level_offset[level])  # (B, K', d)
         items = torch.where(node >= 0, self.trie_leaf_item[node.clamp_min(0)], -1)
         return items[:, :topk], score[:, :topk]
+
+
+class GFlowNetHeads(nn.Module):
+    """The learnable GFlowNet quantities of Eq. (5)/(6), kept apart from the SFT backbone.
+
+    - log F(s_l) for the prefixes s_0..s_{L-1}: an MLP on the decoder hidden state of each
+      prefix (Eq. 5). The terminal flow is not learned: log F(s_L) = log R (Sec. 3.3).
+    - log Z: the paper calls Z a global scalar approximating F(s_0) (Sec. 2). But every user
+      is a different GFlowNet (a different reward over items), so Z = sum_v R(U, v) differs
+      per user; the default is a user-conditioned head log Z(U) on the pooled encoder output,
+      and `log_z="scalar"` is the paper's single learned number.
+    They start untrained on top of an SFT backbone and get their own (larger) learning rate.
+    """
+
+    def __init__(self, d_model: int, log_z: str = "user"):
+        super().__init__()
+        if log_z not in ("user", "scalar"):
+            raise ValueError(f"log_z must be 'user' or 'scalar', got {log_z!r}")
+        self.log_z_mode = log_z
+        self.flow = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1))
+        self.z_user = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1))
+        self.z_scalar = nn.Parameter(torch.zeros(()))
+
+    def log_flow(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., L, d) decoder states of s_0..s_{L-1} -> log F(s_l) (..., L)."""
+        return self.flow(h).squeeze(-1)
+
+    def log_z(self, mem: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoder memory (B, S, d) and its mask (B, 1, 1, S) -> log Z(U) (B,)."""
+        if self.log_z_mode == "scalar":
+            return self.z_scalar.expand(mem.shape[0])
+        valid = mask[:, 0, 0, :, None].float()  # (B, S, 1)
+        pooled = (mem * valid).sum(1) / valid.sum(1).clamp_min(1)  # (B, d): mean over the history
+        return self.z_user(pooled).squeeze(-1)

@@ -1,18 +1,112 @@
-"""Training objectives of GFlowGR and its baselines.
+"""Training objectives of GFlowGR: L_GR (Eq. 1), reward (Sec. 3.2), L_DB (Eq. 5), L_TB (Eq. 6), Eq. (7)/(8).
 
-Paper Sec. 2, Eq. (1): the next-token (SFT) loss of generative recommendation,
-    L_GR(U, v) = - sum_{l=1}^{L} log P_GR(t_l | U, t_{<l}).
-Here P_GR is the trie-masked policy P_F (`gflowgr.GRModel.masked_log_pf`): the same
-distribution beam search decodes from and the GFlowNet losses (Eq. 5-8) train.
+Every log P_F here is the trie-masked policy of `gflowgr.GRModel.masked_log_pf`: the same
+distribution beam search decodes from. Trajectories are paths in the ID prefix tree, so each
+state has exactly one parent and log P_B = 0 throughout (Sec. 2, "P_B = 1").
 
-Usage: `loss = gr_loss(log_pf)` with `log_pf, _ = model(hist, hist_len, targets)`
+Shapes: B samples, M = 1 + K trajectories per sample (index 0 is the observed item tau,
+1..K the augmented items tau'), L tokens per ID.
+
+Usage: `loss, parts = gflowgr_loss(log_pf, log_r, log_z=log_z, r_a=r_a, r_c=r_c, objective="tb")`
 """
 from __future__ import annotations
 
+
 import torch
+
+# R can be 0 (e.g. an augmented item under the r_a-only reward); log R is floored at
+# log(0.01): such an item should get ~1/600 of the observed item's flow (R = 1 + r_c + 4),
+# not -infinity, which would make the squared residual infinite.
+REWARD_FLOOR = 0.01
+# Eq. (8) weight 1 / (r_a - r_c)^2 is unbounded as r_c -> r_a. |r_a - r_c| is floored at
+# 0.3, so weights lie in [1, 1/0.09 ~ 11.1] (|r_a - r_c| <= 1 gives the lower bound).
+WEIGHT_MIN_GAP = 0.3
+REWARD_TERMS = ("ra", "rc", "rsim")
 
 
 def gr_loss(log_pf: torch.Tensor) -> torch.Tensor:
     """Eq. (1) averaged over the batch. log_pf: (B, L) per-step log P_F of the observed ID -> scalar."""
     # Eq. (1): L_GR = - sum_l log P_GR(t_l | U, t_{<l})
     return -log_pf.sum(1).mean()
+
+
+def reward(codes: torch.Tensor, r_c: torch.Tensor, terms=REWARD_TERMS) -> dict[str, torch.Tensor]:
+    """Comprehensive reward of Sec. 3.2 for M = 1 + K trajectories per sample.
+
+    codes (B, M, L): semantic IDs, column 0 the observed item; r_c (B, M): CM scores in [0, 1].
+    Returns r_a, r_c, r_sim and R = sum of the chosen terms, each (B, M).
+    """
+    B, M, L = codes.shape
+    # r_a: 1 for the observed trajectory tau, 0 for every augmented tau'
+    r_a = torch.zeros(B, M, device=codes.device)
+    r_a[:, 0] = 1.0
+    # r_sim = sum_l 1[t_l = t'_l] (= L for tau itself)
+    r_sim = (codes == codes[:, :1]).sum(-1).float()
+    parts = {"ra": r_a, "rc": r_c, "rsim": r_sim}
+    unknown = set(terms) - set(REWARD_TERMS)
+    if unknown or not terms:
+        raise ValueError(f"reward terms must be a non-empty subset of {REWARD_TERMS}, got {terms}")
+    # R(tau) = r_a + r_c + r_sim, over the chosen subset (the ablations of Table 2)
+    R = sum(parts[t] for t in terms)
+    return {"r_a": r_a, "r_c": r_c, "r_sim": r_sim, "R": R}
+
+
+def log_reward(R: torch.Tensor, floor: float = REWARD_FLOOR) -> torch.Tensor:
+    """log R with R floored at `floor` (R = 0 is possible; see REWARD_FLOOR)."""
+    return torch.log(R.clamp_min(floor))
+
+
+def tb_loss(log_z: torch.Tensor, log_pf: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    r"""Trajectory balance, Eq. (6), with P_B = 1.
+
+    \mathcal{L}_{TB}(\tau) = \left(\log Z + \sum_{l=0}^{L-1} \log P_F(s_{l+1}|s_l) - \log R(s_L)\right)^2
+
+    log_z (...,), log_pf (..., L), log_r (...,) -> loss (...,).
+    """
+    # Eq. (6): (log Z + sum_l log P_GR(t_{l+1} | U, s_l) - log R(s_L))^2
+    residual = log_z + log_pf.sum(-1) - log_r
+    return residual**2
+
+
+def db_loss(log_flow: torch.Tensor, log_pf: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    r"""Detailed balance, Eq. (5), with P_B = 1 and F(s_L) = R(s_L).
+
+    \mathcal{L}_{DB}(\tau) = \sum_{l=0}^{L-1} \left(\log F(s_l) + \log P_F(s_{l+1}|s_l) - \log F(s_{l+1})\right)^2
+
+    log_flow (..., L): log F(s_0..s_{L-1}); log_pf (..., L); log_r (...,) -> loss (...,).
+    The per-step residuals telescope: their sum is the TB residual with log Z = log F(s_0).
+    """
+    preds = log_flow + log_pf  # log F(s_l) + log P_F(s_{l+1} | s_l)
+    # terminal state: log F(s_L) = log R(s_L); log P_B = 0 (one parent per prefix)
+    targets = torch.cat([log_flow[..., 1:], log_r[..., None]], -1)  # log F(s_{l+1})
+    # Eq. (5): sum_l (log F(s_l) P_GR(t_{l+1} | U, s_l) / F(s_{l+1}))^2
+    return ((preds - targets) ** 2).sum(-1)
+
+
+def trajectory_weight(r_a: torch.Tensor, r_c: torch.Tensor, min_gap: float = WEIGHT_MIN_GAP) -> torch.Tensor:
+    """Eq. (8) weight 1 / (r_a - r_c)^2, with |r_a - r_c| floored at `min_gap` (see WEIGHT_MIN_GAP)."""
+    # Eq. (8): w(kappa) = 1 / (r_a - r_c)^2, clamped
+    return 1.0 / (r_a - r_c).abs().clamp_min(min_gap) ** 2
+
+
+def gflowgr_loss(log_pf: torch.Tensor, log_r: torch.Tensor, *, objective: str, r_a: torch.Tensor, r_c: torch.Tensor,
+                 log_z: torch.Tensor | None = None, log_flow: torch.Tensor | None = None, lam: float = 1.0,
+                 weighted: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Eq. (7)/(8): L_GR on the observed trajectory + lambda * sum_kappa w(kappa) L_GFN(kappa).
+
+    log_pf (B, M, L) with column 0 the observed item; log_r, r_a, r_c (B, M); log_z (B,) for
+    TB; log_flow (B, M, L) for DB. Returns the batch-mean loss and its parts for logging.
+    """
+    if objective == "tb":
+        l_gfn = tb_loss(log_z[:, None], log_pf, log_r)  # (B, M)
+    elif objective == "db":
+        l_gfn = db_loss(log_flow, log_pf, log_r)  # (B, M)
+    else:
+        raise ValueError(f"objective must be 'tb' or 'db', got {objective!r}")
+    # Eq. (7) uses w = 1; Eq. (8) the inverse squared disagreement of r_a and r_c
+    w = trajectory_weight(r_a, r_c) if weighted else torch.ones_like(l_gfn)
+    l_gr = gr_loss(log_pf[:, 0])
+    # Eq. (8): L = L_GR + lambda * sum_{kappa in {tau, tau'}} w(kappa) L_GFN(kappa)
+    l_gfn_total = (w * l_gfn).sum(1).mean()
+    loss = l_gr + lam * l_gfn_total
+    return loss, {"loss/gr": l_gr.detach(), "loss/gfn": l_gfn_total.detach(), "weight/mean": w.mean().detach()}

@@ -1,0 +1,124 @@
+"""GFlowGR objectives against hand-worked values and the GFlowNet promise on an enumerable world."""
+import math
+
+import pytest
+import torch
+
+from gflowgr import GFlowNetHeads, GRModel, ModelConfig
+from losses import (REWARD_FLOOR, WEIGHT_MIN_GAP, db_loss, gflowgr_loss, gr_loss, log_reward, reward, tb_loss,
+                    trajectory_weight)
+from tokenizer import Trie, add_dedup_level
+
+
+def test_tb_zero_at_balance_positive_elsewhere_and_zero_gradient():
+    log_pf = torch.log(torch.tensor([0.5, 0.25, 1.0, 0.8]))
+    log_r = torch.tensor(math.log(3.0))
+    log_z = (log_r - log_pf.sum()).clone().requires_grad_(True)  # balance: log Z + sum log P_F = log R
+    loss = tb_loss(log_z, log_pf, log_r)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+    loss.backward()
+    assert log_z.grad.item() == pytest.approx(0.0, abs=1e-6)
+    # off balance by 0.5 nats: (0.5)^2
+    assert tb_loss(log_z.detach() + 0.5, log_pf, log_r).item() == pytest.approx(0.25)
+
+
+def test_db_hand_value_and_telescoping_to_tb():
+    g = torch.Generator().manual_seed(0)
+    log_flow = torch.randn(6, 3, 4, generator=g)
+    log_pf = -torch.rand(6, 3, 4, generator=g)
+    log_r = torch.randn(6, 3, generator=g)
+    # per-step residuals telescope: sum_l (F_l + pf_l - F_{l+1}) = F_0 + sum pf - log R
+    preds = log_flow + log_pf
+    targets = torch.cat([log_flow[..., 1:], log_r[..., None]], -1)
+    tb_residual = log_flow[..., 0] + log_pf.sum(-1) - log_r
+    assert torch.allclose((preds - targets).sum(-1), tb_residual, atol=1e-5)
+    assert torch.allclose(tb_loss(log_flow[..., 0], log_pf, log_r), tb_residual**2, atol=1e-5)
+    # hand value, L = 2: log F = [0, 1], log P_F = [-1, -0.5], log R = 0.2
+    # residuals: 0 - 1 - 1 = -2 ; 1 - 0.5 - 0.2 = 0.3  -> 4 + 0.09
+    val = db_loss(torch.tensor([0.0, 1.0]), torch.tensor([-1.0, -0.5]), torch.tensor(0.2))
+    assert val.item() == pytest.approx(4.09)
+    assert (db_loss(log_flow, log_pf, log_r) >= 0).all() and (tb_loss(log_flow[..., 0], log_pf, log_r) >= 0).all()
+
+
+def test_reward_hand_example_and_subsets():
+    # observed ID (1, 2, 3, 0); augmented share: 1 token, 0 tokens, 3 tokens
+    codes = torch.tensor([[[1, 2, 3, 0], [1, 5, 5, 1], [4, 4, 4, 4], [1, 2, 3, 1]]])
+    r_c = torch.tensor([[0.9, 0.2, 0.0, 0.6]])
+    out = reward(codes, r_c)
+    assert out["r_a"].tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    assert out["r_sim"].tolist() == [[4.0, 1.0, 0.0, 3.0]]
+    assert torch.allclose(out["R"], torch.tensor([[5.9, 1.2, 0.0, 3.6]]))
+    assert torch.allclose(reward(codes, r_c, ("ra",))["R"], torch.tensor([[1.0, 0, 0, 0]]))
+    assert torch.allclose(reward(codes, r_c, ("rc", "rsim"))["R"], torch.tensor([[4.9, 1.2, 0.0, 3.6]]))
+    assert torch.allclose(reward(codes, r_c, ("ra", "rc"))["R"], torch.tensor([[1.9, 0.2, 0.0, 0.6]]))
+    with pytest.raises(ValueError):
+        reward(codes, r_c, ("rx",))
+
+
+def test_log_reward_floor():
+    lr = log_reward(torch.tensor([0.0, 1e-5, 1.0, 5.0]))
+    assert lr.tolist() == pytest.approx([math.log(REWARD_FLOOR)] * 2 + [0.0, math.log(5.0)])
+    assert torch.isfinite(lr).all()
+
+
+def test_weight_values_and_clamp():
+    r_a = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
+    r_c = torch.tensor([0.0, 0.5, 1.0, 0.1, 0.8])
+    w = trajectory_weight(r_a, r_c)
+    # 1/1^2, 1/0.5^2, clamped (gap 0), clamped (gap 0.1 < 0.3), 1/0.8^2
+    assert w.tolist() == pytest.approx([1.0, 4.0, 1 / WEIGHT_MIN_GAP**2, 1 / WEIGHT_MIN_GAP**2, 1 / 0.64])
+    assert torch.isfinite(w).all() and w.max() <= 1 / WEIGHT_MIN_GAP**2 + 1e-6
+
+
+def test_total_loss_eq8_hand_value():
+    # B = 1, M = 2 (observed + 1 augmented), L = 2
+    log_pf = torch.log(torch.tensor([[[0.5, 0.5], [0.1, 1.0]]]))
+    log_r = torch.log(torch.tensor([[6.0, 1.0]]))
+    log_z = torch.tensor([math.log(10.0)])
+    r_a, r_c = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]])
+    loss, parts = gflowgr_loss(log_pf, log_r, objective="tb", r_a=r_a, r_c=r_c, log_z=log_z, lam=2.0)
+    tb_obs = (math.log(10) + 2 * math.log(0.5) - math.log(6)) ** 2
+    tb_aug = (math.log(10) + math.log(0.1) - 0.0) ** 2
+    expected = 2 * math.log(2) + 2.0 * (4.0 * tb_obs + 4.0 * tb_aug)  # weights 1/0.5^2 = 4
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert parts["loss/gr"].item() == pytest.approx(gr_loss(log_pf[:, 0]).item())
+    unweighted, _ = gflowgr_loss(log_pf, log_r, objective="tb", r_a=r_a, r_c=r_c, log_z=log_z, lam=2.0, weighted=False)
+    assert unweighted.item() == pytest.approx(2 * math.log(2) + 2.0 * (tb_obs + tb_aug), rel=1e-5)
+
+
+def _enumerable_world(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_items, V = 24, 4
+    codes = add_dedup_level(torch.randint(0, V, (n_items, 2), generator=g), V)
+    trie = Trie.build(codes, V)
+    torch.manual_seed(seed)
+    model = GRModel(ModelConfig(d_model=32, n_heads=2, d_ff=64, dropout=0.0, max_his_len=3), trie)
+    R = 0.2 + 5 * torch.rand(2, n_items, generator=g)  # two users, fixed rewards
+    hist = torch.tensor([[0, 1, 2], [5, 6, -1]])
+    hist_len = torch.tensor([3, 2])
+    return model, R, hist, hist_len, n_items
+
+
+@pytest.mark.parametrize("objective", ["tb", "db"])
+def test_gflownet_matches_reward_distribution(objective):
+    """Training with only L_TB (or only L_DB) on all trajectories makes P(item | U) = R / sum R."""
+    model, R, hist, hist_len, n_items = _enumerable_world()
+    heads = GFlowNetHeads(32, log_z="user")
+    opt = torch.optim.Adam([{"params": model.parameters(), "lr": 3e-3}, {"params": heads.parameters(), "lr": 1e-2}])
+    items = torch.arange(n_items).repeat(2, 1)  # (2, n_items): every trajectory, every step
+    for _ in range(400):
+        log_pf, h, mem, mask = model.trajectories(hist, hist_len, items)
+        if objective == "tb":
+            loss = tb_loss(heads.log_z(mem, mask)[:, None], log_pf, R.log()).mean()
+        else:
+            loss = db_loss(heads.log_flow(h), log_pf, R.log()).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        log_pf, _, _, _ = model.trajectories(hist, hist_len, items)
+        p = log_pf.sum(-1).exp()  # (2, n_items): exact P(item | U)
+    target = R / R.sum(1, keepdim=True)
+    assert torch.allclose(p.sum(1), torch.ones(2), atol=1e-4)
+    tv = 0.5 * (p - target).abs().sum(1)
+    assert (tv < 0.05).all(), tv
