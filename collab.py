@@ -1,0 +1,347 @@
+"""The collaborative model CM: SASRec (Kang & McAuley, ICDM 2018) over item ids.
+
+Paper Sec. 3.1: GFlowGR scores candidate items with a pretrained collaborative model,
+    y_hat_CM(v', U) = CM(v', U),
+which orders augmented items for the adaptive trajectory sampler (easy = low score first)
+and is the collaborative reward r_c of Sec. 3.2, R = r_a + r_c + r_sim. The paper does not
+name its CM; SASRec is the standard sequential one and sees the same histories as the GR.
+
+SASRec in brief: item embedding + learned position embedding, causal self-attention
+blocks, and the score of item i after position t is <F_t, M_i>, the dot product of the
+block output with the SAME item embedding M (shared in and out). Training (as in the
+SASRec paper): each user's training sequence is left-padded to the last `max_len` items;
+at every position t the positive is the next item o_t and one negative j_t is drawn
+uniformly from the items the user has not interacted with (in training), with loss
+    - sum_t [ log sigma(<F_t, M_{o_t}>) + log(1 - sigma(<F_t, M_{j_t}>)) ].
+Only the training part of each user is used: items[:-2] (the validation target items[-2]
+and the test target items[-1] are never seen), as in data.split_leave_one_out.
+
+Usage: `cm, info = load_or_train(ds, splits, CollabConfig(), Path("runs/beauty")); r_c = cm.score(hist, hist_len, items)`
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm.auto import tqdm
+
+from data import Dataset, Split
+from metrics import ranking_metrics
+
+
+@dataclass
+class CollabConfig:
+    d: int = field(default=64, metadata={"help": "CM (SASRec): embedding and hidden width"})
+    n_blocks: int = field(default=2, metadata={"help": "CM: self-attention blocks"})
+    n_heads: int = field(default=1, metadata={"help": "CM: attention heads"})
+    max_len: int = field(default=50, metadata={"help": "CM: the last N items of a sequence are seen"})
+    dropout: float = field(default=0.2, metadata={"help": "CM: dropout rate"})
+    epochs: int = field(default=30, metadata={"help": "CM: maximum training epochs"})
+    batch_size: int = field(default=128, metadata={"help": "CM: users per batch"})
+    lr: float = field(default=1e-3, metadata={"help": "CM: Adam learning rate"})
+    patience: int = field(default=3, metadata={"help": "CM: early stopping, epochs without a better valid NDCG@10"})
+    seed: int = field(default=42, metadata={"help": "CM: seed for initialisation, shuffling and negatives"})
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- data layout
+
+
+def training_sequences(ds: Dataset, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SASRec training arrays from the TRAINING part of each user, items[:-2].
+
+    Returns (seq, pos, user): seq (U', max_len) inputs, pos (U', max_len) next items, both
+    left-padded with -1 (newest item in the last column), user (U',) their user ids.
+    Users whose training part has fewer than 2 items have no (input, next item) pair and
+    are left out. Example, max_len 4: items [5, 6, 7, 8, 9, 10] -> training part [5, 6, 7, 8]
+    -> seq [-1, 5, 6, 7], pos [-1, 6, 7, 8] (9 = valid target, 10 = test target, unseen).
+    """
+    seqs, poss, users = [], [], []
+    for u, items in enumerate(ds.sequences):
+        train = items[:-2][-(max_len + 1):]  # the last max_len (input, next) pairs
+        if len(train) < 2:
+            continue
+        pad = [-1] * (max_len + 1 - len(train))
+        seqs.append(pad + train[:-1])
+        poss.append(pad + train[1:])
+        users.append(u)
+    return (np.array(seqs, dtype=np.int64).reshape(-1, max_len), np.array(poss, dtype=np.int64).reshape(-1, max_len),
+            np.array(users, dtype=np.int64))
+
+
+def left_pad(hist: torch.Tensor, hist_len: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Split layout (left-aligned, -1 on the right) -> SASRec layout (last max_len items right-aligned, -1 on the left).
+
+    hist [[3, 7, -1]], hist_len [2], max_len 4  ->  [[-1, -1, 3, 7]]
+    """
+    # Slot j of the output holds history column hist_len - max_len + j (negative = padding).
+    cols = hist_len[:, None] - max_len + torch.arange(max_len, device=hist.device)  # (B, max_len)
+    out = hist.gather(1, cols.clamp(0, hist.shape[1] - 1))
+    return torch.where(cols >= 0, out, torch.full_like(out, -1))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class SelfAttentionBlock(nn.Module):
+    """One SASRec block, in the order of the reference implementations (TF original, pmixer/SASRec.pytorch):
+    x <- LN(x) + Attn(LN(x), x, x);  x <- LN(x) + FFN(LN(x));  padding rows zeroed."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.h, self.dropout = n_heads, dropout
+        self.attn_norm, self.ffn_norm = nn.LayerNorm(d, eps=1e-8), nn.LayerNorm(d, eps=1e-8)
+        self.q, self.kv, self.o = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, d), nn.Dropout(dropout), nn.ReLU(), nn.Linear(d, d), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x (B, S, d), mask (B, 1, S, S) True = may attend, keep (B, S, 1) 1 for real items."""
+        q_in = self.attn_norm(x)  # SASRec normalises the query only; keys/values are the raw stream
+        q = rearrange(self.q(q_in), "b s (h e) -> b h s e", h=self.h)  # (B, H, S, E)
+        k, v = rearrange(self.kv(x), "b s (two h e) -> two b h s e", two=2, h=self.h)  # (B, H, S, E) each
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        x = q_in + self.o(rearrange(y, "b h s e -> b s (h e)"))  # (B, S, d)
+        h = self.ffn_norm(x)
+        return (h + self.ffn(h)) * keep
+
+
+class SASRec(nn.Module):
+    """SASRec: y_hat_CM(v', U) = sigma(<F_U, M_{v'}>), F_U the last position's output for history U.
+
+    Items are ids 0..n_items-1; embedding row n_items is padding (-1 outside the model).
+    """
+
+    def __init__(self, n_items: int, cfg: CollabConfig):
+        super().__init__()
+        self.n_items, self.cfg = n_items, cfg
+        self.item_emb = nn.Embedding(n_items + 1, cfg.d, padding_idx=n_items)  # M, shared by input and output
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)  # position in the left-padded window: newest = max_len - 1
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(SelfAttentionBlock(cfg.d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_blocks))
+        self.final_norm = nn.LayerNorm(cfg.d, eps=1e-8)
+        # Xavier-normal for every matrix, as pmixer/SASRec.pytorch does: nn.Embedding's N(0, 1),
+        # times the sqrt(d) input scale, starts with huge logits (initial BCE ~6 instead of 2 log 2).
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.xavier_normal_(p)
+        with torch.no_grad():
+            self.item_emb.weight[n_items].zero_()
+
+    # -- checkpoint round trip ------------------------------------------------------------
+    def model_args(self) -> dict:
+        return {"n_items": self.n_items, "cfg": asdict(self.cfg)}
+
+    @classmethod
+    def from_state(cls, model_args: dict, state: dict) -> "SASRec":
+        model = cls(model_args["n_items"], CollabConfig(**model_args["cfg"]))
+        model.load_state_dict(state)
+        return model
+
+    # -- encoder ----------------------------------------------------------------------------
+    def encode(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq (B, max_len) item ids in SASRec layout (left-padded with -1) -> F (B, max_len, d), one row per position."""
+        S = seq.shape[1]
+        real = seq >= 0  # (B, S)
+        keep = real.unsqueeze(-1).float()  # (B, S, 1)
+        x = self.item_emb(seq.masked_fill(~real, self.n_items)) * self.cfg.d**0.5  # (B, S, d), scaled as in SASRec
+        x = self.drop(x + self.pos_emb.weight[:S]) * keep
+        # Causal, and padding keys masked out so that a representation does not depend on how
+        # much padding precedes the history; every position may attend to itself, so padding
+        # rows are never fully masked (which would make softmax NaN).
+        eye = torch.eye(S, dtype=torch.bool, device=seq.device)
+        causal = torch.ones(S, S, dtype=torch.bool, device=seq.device).tril()
+        mask = (causal & (real[:, None, :] | eye)).unsqueeze(1)  # (B, 1, S, S)
+        for block in self.blocks:
+            x = block(x, mask, keep)
+        return self.final_norm(x)
+
+    def user_repr(self, hist: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
+        """hist (B, S) in the Split layout (left-aligned, -1 on the right), hist_len (B,) -> F_U (B, d)."""
+        return self.encode(left_pad(hist, hist_len, self.cfg.max_len))[:, -1]  # (B, d): the newest position
+
+    def logits(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """<F_U, M_i> for items (B, M) -> (B, M)."""
+        u = self.user_repr(hist, hist_len)  # (B, d)
+        return torch.einsum("bd,bmd->bm", u, self.item_emb(items))
+
+    @torch.no_grad()
+    def score(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """r_c of the paper (Sec. 3.2): y_hat_CM(v', U) = sigma(<F_U, M_{v'}>) in [0, 1], items (B, M) -> (B, M).
+
+        The sigmoid is the natural link: the model is trained with BCE (positive = next item,
+        negative = random unseen item), so sigma(logit) reads as P(user interacts with item).
+        Call on a model in eval mode (dropout off), as load_or_train returns it.
+        """
+        return torch.sigmoid(self.logits(hist, hist_len, items))
+
+    @torch.no_grad()
+    def full_scores(self, hist: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
+        """Logits over all items, (B, n_items): F_U M^T without the padding row."""
+        return self.user_repr(hist, hist_len) @ self.item_emb.weight[: self.n_items].T
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _sample_negatives(pos: torch.Tensor, seen: torch.Tensor, n_items: int, gen: torch.Generator) -> torch.Tensor:
+    """One uniform negative per position, (B, S), not among the user's training items (seen (B, n_items) bool)."""
+    neg = torch.randint(0, n_items, pos.shape, generator=gen)
+    # Rejection sampling; a user has seen a tiny share of the items, so this ends in a few
+    # rounds. The cap only guards a degenerate user who has seen (almost) everything.
+    for _ in range(100):
+        bad = seen.gather(1, neg) & (pos >= 0)
+        if not bad.any():
+            break
+        neg[bad] = torch.randint(0, n_items, (int(bad.sum()),), generator=gen)
+    return neg
+
+
+@torch.no_grad()
+def evaluate_full_ranking(model: SASRec, split: Split, k_max: int = 10, batch: int = 1024) -> dict:
+    """HR@5/10, NDCG@5/10 of the top-k_max over ALL items, no history filtering (as the GR's beam search)."""
+    model.eval()
+    device = next(model.parameters()).device
+    tops = []
+    for i in range(0, len(split), batch):
+        hist = torch.from_numpy(split.hist[i : i + batch]).to(device)
+        hist_len = torch.from_numpy(split.hist_len[i : i + batch]).to(device)
+        tops.append(model.full_scores(hist, hist_len).topk(k_max, dim=1).indices.cpu())  # (b, k_max)
+    return ranking_metrics(torch.cat(tops).numpy(), split.target)
+
+
+def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, device="cpu", log=print) -> tuple[SASRec, dict]:
+    """Train SASRec on items[:-2] of every user, early-stopped on valid NDCG@10 (full ranking).
+
+    Returns the model at its best valid epoch (in eval mode) and
+    info {epochs_run, best_epoch, train_seconds, n_params, valid: metrics, test: metrics}.
+    """
+    _seed_everything(cfg.seed)
+    device = torch.device(device)
+    seq, pos, users = training_sequences(ds, cfg.max_len)
+    if len(users) == 0:
+        raise ValueError(f"{ds.name}: no user has 2 or more training items; SASRec has nothing to learn from")
+    seq, pos = torch.from_numpy(seq), torch.from_numpy(pos)  # (U', max_len) each
+    # Negatives avoid the user's whole training part (also items older than the window),
+    # but NOT the valid/test targets: excluding those would leak them into training.
+    train_items = [ds.sequences[u][:-2] for u in users]
+    seen_len = torch.tensor([len(t) for t in train_items])
+    seen_flat = torch.tensor([i for t in train_items for i in t])
+    seen_start = seen_len.cumsum(0) - seen_len
+
+    model = SASRec(ds.n_items, cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))  # SASRec's settings
+    gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and negatives
+    log(f"[stage] collaborative model (SASRec): {n_params / 1e6:.2f}M parameters, {len(users):,} training "
+        f"sequences, {int((pos >= 0).sum()):,} positions, device {device}")
+
+    best = {"ndcg@10": -1.0, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    bad_epochs, t_train, epoch = 0, 0.0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.time()
+        order = torch.randperm(len(users), generator=gen)
+        bar = tqdm(order.split(cfg.batch_size), desc=f"cm epoch {epoch}/{cfg.epochs}", leave=False)
+        run_loss = None
+        for b in bar:
+            # The batch users' training items as a (B, n_items) membership mask, from the ragged lists.
+            lens = seen_len[b]
+            rows = torch.repeat_interleave(torch.arange(len(b)), lens)
+            offsets = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+            seen = torch.zeros(len(b), ds.n_items, dtype=torch.bool)
+            seen[rows, seen_flat[torch.repeat_interleave(seen_start[b], lens) + offsets]] = True
+            neg = _sample_negatives(pos[b], seen, ds.n_items, gen).to(device)  # (B, S)
+            s, p = seq[b].to(device), pos[b].to(device)
+            real = p >= 0  # (B, S) positions that have a next item
+
+            h = model.encode(s)  # (B, S, d)
+            pos_logit = (h * model.item_emb(p.clamp(min=0))).sum(-1)  # (B, S)
+            neg_logit = (h * model.item_emb(neg)).sum(-1)  # (B, S)
+            # SASRec's BCE: -log sigma(<F_t, M_{o_t}>) - log(1 - sigma(<F_t, M_{j_t}>)), real positions only.
+            loss = (F.binary_cross_entropy_with_logits(pos_logit[real], torch.ones_like(pos_logit[real]))
+                    + F.binary_cross_entropy_with_logits(neg_logit[real], torch.zeros_like(neg_logit[real])))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite CM loss at epoch {epoch}: {loss.item()}")
+            opt.step()
+            run_loss = loss.item() if run_loss is None else 0.9 * run_loss + 0.1 * loss.item()
+            bar.set_postfix(loss=f"{run_loss:.4f}")
+        t_train += time.time() - t0
+
+        val = evaluate_full_ranking(model, splits["valid"])
+        improved = val["ndcg@10"] > best["ndcg@10"]
+        log(f"cm epoch {epoch:3d}  loss {run_loss:.4f}  valid HR@10 {val['hr@10']:.4f} NDCG@10 {val['ndcg@10']:.4f}"
+            f"  ({time.time() - t0:.1f}s){'  *' if improved else ''}")
+        if improved:
+            best = {"ndcg@10": val["ndcg@10"], "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                log(f"cm early stop: no better valid NDCG@10 for {cfg.patience} epochs (best epoch {best['epoch']})")
+                break
+
+    model.load_state_dict(best["state"])
+    model.eval()
+    info = {"epochs_run": epoch, "best_epoch": best["epoch"], "train_seconds": t_train, "n_params": n_params,
+            "valid": evaluate_full_ranking(model, splits["valid"]), "test": evaluate_full_ranking(model, splits["test"])}
+    log(f"collaborative model: best epoch {info['best_epoch']}, valid HR@10 {info['valid']['hr@10']:.4f} "
+        f"NDCG@10 {info['valid']['ndcg@10']:.4f}, test HR@10 {info['test']['hr@10']:.4f} NDCG@10 {info['test']['ndcg@10']:.4f}")
+    return model, info
+
+
+# ----------------------------------------------------------------------------- cached stage
+
+
+def cm_key(ds: Dataset, cfg: CollabConfig) -> str:
+    """Stage key: hash of (data set name, n_items, config) plus a fingerprint of the sequences.
+
+    The fingerprint is there because name and n_items alone do not tell two toy worlds
+    (e.g. another --toy-users) apart, and a stale CM would silently score the wrong users.
+    """
+    seqs = hashlib.sha256(json.dumps(ds.sequences).encode()).hexdigest()[:16]
+    blob = json.dumps([ds.name, ds.n_items, asdict(cfg), seqs], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def load_or_train(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, out_root: Path, device="cpu",
+                  log=print) -> tuple[SASRec, dict]:
+    """The CM from out_root/cm-<key>/checkpoint.pt if it exists, else trained and saved there (atomically).
+
+    Returns (model in eval mode, info as from train_sasrec).
+    """
+    path = Path(out_root) / f"cm-{cm_key(ds, cfg)}" / "checkpoint.pt"
+    if path.exists():
+        log(f"[cache] collaborative model: {path} (skipping training)")
+        ckpt = torch.load(path, map_location=device)
+        return SASRec.from_state(ckpt["model_args"], ckpt["model"]).to(device).eval(), ckpt["info"]
+    model, info = train_sasrec(ds, splits, cfg, device=device, log=log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")  # write, then rename: never a half-written checkpoint
+    torch.save({"model": model.state_dict(), "model_args": model.model_args(), "info": info}, tmp)
+    os.replace(tmp, path)
+    return model, info
+
+
+if __name__ == "__main__":
+    from data import DataConfig, load_dataset, split_leave_one_out
+
+    toy = load_dataset(DataConfig(dataset="toy"))
+    train_sasrec(toy, split_leave_one_out(toy), CollabConfig(epochs=20, lr=5e-3, patience=5))

@@ -1,0 +1,164 @@
+"""The collaborative model CM (SASRec): score = sigmoid(logit), padding layout, training split, toy quality, cache."""
+import numpy as np
+import pytest
+import torch
+
+import collab
+from collab import CollabConfig, SASRec, evaluate_full_ranking, left_pad, load_or_train, train_sasrec, training_sequences
+from data import DataConfig, Dataset, item_popularity, load_dataset, split_leave_one_out
+from metrics import ranking_metrics
+
+# Toy sequences are at most 15 items long, so a 16-item window loses nothing and trains fast.
+TINY = CollabConfig(max_len=16, batch_size=32, lr=5e-3, epochs=8, patience=8)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    ds = load_dataset(DataConfig(dataset="toy"), verbose=False)
+    return ds, split_leave_one_out(ds)
+
+
+@pytest.fixture(scope="module")
+def trained(toy):
+    ds, splits = toy
+    model, info = train_sasrec(ds, splits, TINY, log=lambda s: None)
+    return model, info
+
+
+def hand_made() -> Dataset:
+    """Three users with disjoint items, so a held-out item can only leak from its own user."""
+    seqs = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17]]
+    n = 20
+    return Dataset("hand", seqs, [f"item {i}" for i in range(n)], [[] for _ in range(n)])
+
+
+def test_score_is_sigmoid_of_logits_and_full_scores_agree():
+    torch.manual_seed(0)
+    model = SASRec(30, CollabConfig(max_len=8)).eval()
+    hist = torch.tensor([[3, 7, 1, -1, -1], [4, 4, 9, 2, 11]])
+    hist_len = torch.tensor([3, 5])
+    items = torch.tensor([[0, 7, 29], [5, 11, 12]])
+    logits = model.logits(hist, hist_len, items)
+    score = model.score(hist, hist_len, items)
+    assert score.shape == (2, 3) and ((score >= 0) & (score <= 1)).all()
+    torch.testing.assert_close(score, torch.sigmoid(logits))
+    full = model.full_scores(hist, hist_len)
+    assert full.shape == (2, 30)
+    torch.testing.assert_close(full.gather(1, items), logits.detach())
+
+
+def test_left_pad_example():
+    hist = torch.tensor([[3, 7, -1], [1, 2, 5]])
+    out = left_pad(hist, torch.tensor([2, 3]), max_len=4)
+    assert out.tolist() == [[-1, -1, 3, 7], [-1, 1, 2, 5]]
+    # longer than the window: the newest max_len items are kept
+    assert left_pad(hist[1:], torch.tensor([3]), max_len=2).tolist() == [[2, 5]]
+
+
+def test_user_repr_does_not_depend_on_padding():
+    torch.manual_seed(0)
+    model = SASRec(50, CollabConfig(max_len=10)).eval()
+    hist = torch.tensor([[4, 8, 15, 16, -1, -1], [23, 42, -1, -1, -1, -1]])
+    hist_len = torch.tensor([4, 2])
+    wide = torch.cat([hist, torch.full((2, 14), -1)], dim=1)  # (2, 20): more -1 on the right
+    narrow = hist[:, :4]  # (2, 4): only as wide as the longest history
+    a, b, c = (model.user_repr(h, hist_len) for h in (hist, wide, narrow))
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    # and the representation does not depend on how much left padding the window adds
+    short_window = SASRec(50, CollabConfig(max_len=4)).eval()
+    state = model.state_dict()
+    state["pos_emb.weight"] = state["pos_emb.weight"][-4:]  # the same recency positions
+    short_window.load_state_dict(state)
+    torch.testing.assert_close(short_window.user_repr(hist, hist_len), a)
+
+
+def test_training_sequences_are_items_without_the_last_two():
+    seq, pos, user = training_sequences(hand_made(), max_len=4)
+    assert user.tolist() == [0, 1, 2]
+    assert seq.tolist() == [[-1, -1, 0, 1], [-1, 5, 6, 7], [11, 12, 13, 14]]
+    assert pos.tolist() == [[-1, -1, 1, 2], [-1, 6, 7, 8], [12, 13, 14, 15]]
+
+
+def test_training_never_sees_valid_or_test_targets(monkeypatch):
+    ds = hand_made()
+    splits = split_leave_one_out(ds)
+    seen_inputs = []
+    encode = SASRec.encode
+
+    def spy(self, seq):
+        if self.training:
+            seen_inputs.extend(tuple(i for i in row if i >= 0) for row in seq.tolist())
+        return encode(self, seq)
+
+    monkeypatch.setattr(SASRec, "encode", spy)
+    train_sasrec(ds, splits, CollabConfig(epochs=2, batch_size=2, max_len=8), log=lambda s: None)
+    # every training input is exactly items[:-2] minus its last item (which is the last positive)
+    assert set(seen_inputs) == {tuple(s[:-3]) for s in ds.sequences}
+    held_out = set(splits["valid"].target.tolist()) | set(splits["test"].target.tolist())
+    assert held_out == {3, 4, 9, 10, 16, 17}
+    assert not held_out & {i for row in seen_inputs for i in row}
+
+
+def test_negatives_avoid_the_users_training_items():
+    gen = torch.Generator().manual_seed(0)
+    seen = torch.zeros(2, 10, dtype=torch.bool)
+    seen[0, :8] = True  # user 0 has seen items 0..7: only 8 and 9 are valid negatives
+    seen[1, [2, 3]] = True
+    pos = torch.tensor([[-1] + [1] * 99, [2] * 100])
+    neg = collab._sample_negatives(pos, seen, 10, gen)
+    assert set(neg[0, 1:].tolist()) <= {8, 9}
+    assert not set(neg[1].tolist()) & {2, 3}
+
+
+def test_trained_cm_beats_mostpop_on_toy(toy, trained):
+    ds, splits = toy
+    model, info = trained
+    top = np.argsort(-item_popularity(ds), kind="stable")[:10]
+    mostpop = ranking_metrics(np.tile(top, (len(splits["valid"]), 1)), splits["valid"].target)
+    assert info["valid"] == evaluate_full_ranking(model, splits["valid"])  # returned model = best state
+    assert info["valid"]["hr@10"] > mostpop["hr@10"] + 0.15
+    assert info["test"]["hr@10"] > mostpop["hr@10"] + 0.1
+    assert 1 <= info["best_epoch"] <= info["epochs_run"] <= TINY.epochs
+
+
+def test_true_next_item_scores_above_random_items(toy, trained):
+    ds, splits = toy
+    model, _ = trained
+    v = splits["valid"]
+    hist, hist_len = torch.from_numpy(v.hist), torch.from_numpy(v.hist_len)
+    r_true = model.score(hist, hist_len, torch.from_numpy(v.target)[:, None])  # (N, 1)
+    rand = torch.randint(0, ds.n_items, (len(v), 20), generator=torch.Generator().manual_seed(0))
+    r_rand = model.score(hist, hist_len, rand)  # (N, 20)
+    assert r_true.mean() > r_rand.mean() + 0.2
+    # per user, the true item outranks most random ones
+    assert (r_true > r_rand).float().mean() > 0.75
+
+
+def test_same_seed_same_metrics(toy, trained):
+    ds, splits = toy
+    _, info = trained
+    _, again = train_sasrec(ds, splits, TINY, log=lambda s: None)
+    assert again["valid"] == info["valid"] and again["test"] == info["test"]
+
+
+def test_cache_round_trip(toy, trained, tmp_path):
+    ds, splits = toy
+    cfg = CollabConfig(max_len=16, batch_size=32, lr=5e-3, epochs=2, patience=2)
+    first_log, second_log = [], []
+    m1, info1 = load_or_train(ds, splits, cfg, tmp_path, log=first_log.append)
+    m2, info2 = load_or_train(ds, splits, cfg, tmp_path, log=second_log.append)
+    assert not any(s.startswith("[cache]") for s in first_log)
+    assert any(s.startswith("[cache] collaborative model:") for s in second_log)
+    assert info1 == info2 and not m2.training
+    (ckpt_dir,) = tmp_path.glob("cm-*")
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint.pt"]  # no .tmp left behind
+    assert {"model", "model_args", "info"} <= set(torch.load(ckpt_dir / "checkpoint.pt"))
+    v = splits["valid"]
+    hist, hist_len = torch.from_numpy(v.hist), torch.from_numpy(v.hist_len)
+    items = torch.arange(10).repeat(len(v), 1)
+    assert torch.equal(m1.score(hist, hist_len, items), m2.score(hist, hist_len, items))
+    # another config or another data set is another stage
+    assert collab.cm_key(ds, cfg) != collab.cm_key(ds, CollabConfig(max_len=16, epochs=3))
+    other = load_dataset(DataConfig(dataset="toy", toy_users=300), verbose=False)
+    assert collab.cm_key(ds, cfg) != collab.cm_key(other, cfg)
