@@ -280,6 +280,14 @@ class GFlowNetHeads(nn.Module):
         self.z_user = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1))
         self.z_scalar = nn.Parameter(torch.zeros(()))
 
+    @torch.no_grad()
+    def init_offset(self, value: float) -> None:
+        """Start log Z and every log F(s_l) at `value` (the output biases), e.g. the mean of
+        log R - sum_l log P_F over a first batch, so the first residuals are centred at 0."""
+        self.z_scalar.fill_(value)
+        self.z_user[-1].bias.fill_(value)
+        self.flow[-1].bias.fill_(value)
+
     def log_flow(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., L, d) decoder states of s_0..s_{L-1} -> log F(s_l) (..., L)."""
         return self.flow(h).squeeze(-1)

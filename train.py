@@ -32,14 +32,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import collab
 import data as data_mod
+from collab import CollabConfig
 from data import DataConfig, DataError, Split
-from gflowgr import GRModel, ModelConfig
-from losses import gr_loss
+from gflowgr import GFlowNetHeads, GRModel, ModelConfig
+from losses import REWARD_TERMS, gflowgr_loss, gr_loss, log_reward, reward, trajectory_weight
 from metrics import ranking_metrics
+from sampler import SAMPLERS, SamplerConfig, TrajectorySampler
 from tokenizer import TokenizerConfig, Trie, build_semantic_ids, embed_texts
 
-METHODS = ("sft",)
+METHODS = ("sft", "sft-continued", "gflowgr-tb", "gflowgr-db")
+FINETUNE_METHODS = METHODS[1:]
 
 
 @dataclass
@@ -62,21 +66,40 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    ft_epochs: int = field(default=2, metadata={"help": "fine-tuning epochs (gflowgr-*, sft-continued: same budget)"})
+    ft_lr: float = field(default=3e-4, metadata={"help": "fine-tuning learning rate of the backbone"})
+    head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the log Z / log F heads (larger, as GFlowNets use)"})
+    head_warmup: int = field(default=200, metadata={"help": "first steps train only the log Z / log F heads (backbone frozen)"})
+    lam: float = field(default=1.0, metadata={"help": "lambda of Eq. (7)/(8): weight of the GFlowNet loss", "flag": "--lambda"})
+    reward: str = field(default="ra,rc,rsim", metadata={"help": "reward terms, any subset of ra,rc,rsim (Sec. 3.2)"})
+    weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
+    log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z)"})
+    inspect_users: int = field(default=40, metadata={"help": "test users whose trajectories go into inspect.json"})
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tok: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cm: CollabConfig = field(default_factory=CollabConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    ft: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # Per-data-set overrides of the defaults; flags given on the command line win.
 PRESETS = {
     "toy": {"tok.codebook_size": 16, "tok.rq_epochs": 150, "tok.rq_batch": 256, "model.d_model": 64, "model.d_ff": 256,
-            "train.epochs": 40, "train.batch_size": 128, "train.lr": 3e-3, "train.warmup_steps": 50, "train.patience": 5},
-    "beauty": {"train.epochs": 20, "train.eval_users": 5000},
-    "yelp": {"train.epochs": 20, "train.eval_users": 5000},
+            "train.epochs": 40, "train.batch_size": 128, "train.lr": 3e-3, "train.warmup_steps": 50, "train.patience": 5,
+            "cm.max_len": 20, "cm.batch_size": 32, "cm.lr": 5e-3, "cm.epochs": 20, "cm.patience": 5,
+            "ft.ft_epochs": 4, "ft.ft_lr": 1e-3, "ft.head_warmup": 40, "sampler.n_candidates": 30},
+    "beauty": {"train.epochs": 20, "train.eval_users": 5000, "cm.lr": 2e-3},
+    "yelp": {"train.epochs": 20, "train.eval_users": 5000, "cm.lr": 2e-3},
 }
-DERIVED = {"model.max_his_len"}  # filled from data.max_his_len after parsing
+DERIVED = {"model.max_his_len", "cm.seed"}  # filled from data.max_his_len / train.seed after parsing
+FLAG_PREFIX = {"cm": "cm-"}  # SASRec's fields share names with the GR's (epochs, lr, ...)
 
 
 # ----------------------------------------------------------------------------------------
@@ -96,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="GFlowGR reference implementation: train and evaluate a generative recommender.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for group, f, sub in _fields(Config()):
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + FLAG_PREFIX.get(group, "") + f.name.replace("_", "-")
         kind = type(getattr(sub, f.name))
         kw = {"dest": f"{group}.{f.name}", "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
         if kind is bool:
@@ -128,7 +151,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
 def finalize(cfg: Config) -> Config:
     """Fill derived fields and reject settings that cannot work, with a message saying why."""
     cfg.model.max_his_len = cfg.data.max_his_len
-    t = cfg.train
+    cfg.cm.seed = cfg.train.seed
+    t, ft, sp = cfg.train, cfg.ft, cfg.sampler
     if cfg.data.dataset not in PRESETS:
         raise DataError(f"unknown dataset {cfg.data.dataset!r}: choose one of {', '.join(PRESETS)}")
     if t.method not in METHODS:
@@ -137,6 +161,19 @@ def finalize(cfg: Config) -> Config:
         raise DataError(f"--beam ({t.beam}) must be at least --topk ({t.topk})")
     if t.topk < 10:
         raise DataError("--topk must be at least 10 to report HR@10 and NDCG@10")
+    if ft.lam < 0:
+        raise DataError(f"--lambda must be >= 0 (got {ft.lam})")
+    if sp.K < 0:
+        raise DataError(f"--K must be >= 0 (got {sp.K})")
+    if sp.sampler not in SAMPLERS:
+        raise DataError(f"unknown sampler {sp.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if sp.sampler != "none" and sp.K > sp.n_candidates:
+        raise DataError(f"--K ({sp.K}) cannot exceed the candidate pool --n-candidates ({sp.n_candidates})")
+    terms = [x for x in ft.reward.split(",") if x]
+    if not terms or set(terms) - set(REWARD_TERMS):
+        raise DataError(f"--reward must be a comma-separated subset of {','.join(REWARD_TERMS)} (got {ft.reward!r})")
+    if ft.log_z not in ("user", "scalar"):
+        raise DataError(f"--log-z must be user or scalar (got {ft.log_z!r})")
     return cfg
 
 
@@ -173,6 +210,12 @@ def stage_key(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def fingerprint(obj) -> str:
+    """Hash of the data itself (item texts, user sequences): two toy worlds with the same
+    sizes but another seed or user count must not share a cached stage."""
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
+
+
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +244,7 @@ def semantic_ids(ds, cfg: Config, log=print) -> tuple[Trie, dict, str]:
     """Item text -> embeddings -> unique semantic IDs -> trie, each stage cached on disk."""
     root = Path(cfg.train.out) / ds.name
     tok = cfg.tok
-    emb_key = stage_key(ds.name, ds.n_items, tok.embedder, tok.emb_dim if tok.embedder == "tfidf" else None)
+    emb_key = stage_key(ds.name, fingerprint(ds.texts()), tok.embedder, tok.emb_dim if tok.embedder == "tfidf" else None)
     emb_path = root / f"emb-{emb_key}" / "emb.pt"
     if emb_path.exists():
         log(f"[cache] item embeddings: {emb_path}")
@@ -384,7 +427,8 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg: TrainConfig, lo
 def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) -> tuple[GRModel, dict, Path]:
     """Train (or load the cached) SFT backbone. Returns the model, its info and the stage folder."""
     t = cfg.train
-    key = stage_key(ids_key, asdict(cfg.model), {k: v for k, v in asdict(t).items() if k not in ("method", "device", "out", "eval_batch", "threads")})
+    key = stage_key(ids_key, fingerprint(ds.sequences), asdict(cfg.model),
+                    {k: v for k, v in asdict(t).items() if k not in ("method", "device", "out", "eval_batch", "threads")})
     stage = Path(t.out) / ds.name / f"sft-{key}"
     ckpt_path = stage / "checkpoint.pt"
     if ckpt_path.exists():
@@ -406,16 +450,171 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
 
 
 # ----------------------------------------------------------------------------------------
+# Stage 4: fine-tuning from the SFT checkpoint (GFlowGR, Sec. 3; SFT-continued)
+# ----------------------------------------------------------------------------------------
+
+
+def check_finite(step: int, loss: torch.Tensor, parts: dict, grad_norm: torch.Tensor) -> None:
+    """Stop with a message naming the step and the offending term, before a NaN is saved."""
+    if not torch.isfinite(loss):
+        bad = [k for k, v in parts.items() if not torch.isfinite(torch.as_tensor(v)).all()] or ["loss"]
+        raise FloatingPointError(f"non-finite loss at step {step}: {', '.join(bad)}")
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError(f"non-finite gradient at step {step} (loss {loss.item():.4g})")
+
+
+def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: float, cfg: Config, objective: str):
+    """One GFlowGR batch: sample tau', score rewards, compute Eq. (8). Returns loss, parts, stats."""
+    ft = cfg.ft
+    aug, r_c_aug = sampler.sample(hist, hist_len, target, progress)  # (B, K), (B, K)
+    r_c_obs = cm.score(hist, hist_len, target[:, None])  # (B, 1): y_CM(v, U)
+    items = torch.cat([target[:, None], aug], 1)  # (B, M): column 0 is the observed trajectory tau
+    r_c = torch.cat([r_c_obs, r_c_aug], 1)  # (B, M)
+    log_pf, h, mem, mask = model.trajectories(hist, hist_len, items)  # (B, M, L), (B, M, L, d)
+    rew = reward(model.item_codes[items], r_c, tuple(ft.reward.split(",")))
+    log_r = log_reward(rew["R"])  # (B, M)
+    log_z = heads.log_z(mem, mask) if objective == "tb" else None  # (B,)
+    log_flow = heads.log_flow(h) if objective == "db" else None  # (B, M, L)
+    loss, parts = gflowgr_loss(log_pf, log_r, objective=objective, r_a=rew["r_a"], r_c=r_c, log_z=log_z,
+                               log_flow=log_flow, lam=ft.lam, weighted=ft.weight)
+    parts["gfn/balance_offset"] = (log_r - log_pf.sum(-1)).mean().detach()  # the log Z that balances the batch on average
+    stats = {"gfn/log_z": (log_z if log_z is not None else log_flow[:, 0, 0]).mean().item(),
+             "gfn/log_r_obs": log_r[:, 0].mean().item(),
+             "gfn/log_r_aug": log_r[:, 1:].mean().item() if log_r.shape[1] > 1 else float("nan"),
+             "sampler/cm_score": r_c_aug.mean().item() if r_c_aug.numel() else float("nan")}
+    return loss, parts, stats
+
+
+def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, method: str, logger: JsonlLogger, log=print):
+    """Fine-tune the SFT backbone for ft_epochs; keep the epoch with the best valid NDCG@10.
+
+    gflowgr-tb / gflowgr-db minimise Eq. (8) (Eq. 7 with --no-weight); sft-continued
+    minimises Eq. (1) alone with the same optimiser, steps and schedule, so that any gain of
+    GFlowGR can be told apart from extra training.
+    """
+    t, ft = cfg.train, cfg.ft
+    device = train_t["target"].device
+    objective = {"gflowgr-tb": "tb", "gflowgr-db": "db"}.get(method)
+    heads = GFlowNetHeads(cfg.model.d_model, ft.log_z).to(device)
+    sampler = TrajectorySampler(cm, model.item_codes.shape[0], cfg.sampler, seed=t.seed) if objective else None
+    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": ft.ft_lr, "weight_decay": t.weight_decay},
+                             {"params": heads.parameters(), "lr": ft.head_lr, "weight_decay": 0.0}])
+    # The heads start untrained: their first, huge residuals would flow into the SFT backbone
+    # and undo it (on toy, valid HR@10 fell from 0.52 to 0.12 in the first epoch). So the
+    # backbone waits `head_warmup` steps while log Z / log F catch up (GFlowGR methods only).
+    warm = ft.head_warmup if objective else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: float(s >= warm), lambda s: 1.0])
+    gen = torch.Generator().manual_seed(t.seed + 1)
+    n_batches = math.ceil(len(train_t["target"]) / t.batch_size)
+    total = ft.ft_epochs * n_batches
+    eval_idx = None
+    if 0 < t.eval_users < len(valid_t["target"]):
+        eval_idx = torch.randperm(len(valid_t["target"]), generator=torch.Generator().manual_seed(t.seed))[: t.eval_users]
+    if objective:  # centre the first TB / DB residuals (see GFlowNetHeads.init_offset)
+        with torch.no_grad():
+            b = torch.randperm(len(train_t["target"]), generator=torch.Generator().manual_seed(t.seed))[: t.batch_size].to(device)
+            hl = train_t["hist_len"][b]
+            _, parts0, _ = gflowgr_step(model, heads, cm, sampler, trim(train_t["hist"][b], hl), hl, train_t["target"][b], 0.0, cfg, objective)
+            heads.init_offset(float(parts0["gfn/balance_offset"]))
+    best = {"ndcg@10": -1.0}
+    step, t_train, n_seen = 0, 0.0, 0
+    for epoch in range(ft.ft_epochs):
+        model.train()
+        heads.train()
+        t0 = time.time()
+        bar = tqdm(length_bucketed_batches(train_t["hist_len"].cpu(), t.batch_size, gen), desc=f"{method} epoch {epoch + 1}/{ft.ft_epochs}", leave=False)
+        for b in bar:
+            b = b.to(device)
+            hl = train_t["hist_len"][b]
+            hist, target = trim(train_t["hist"][b], hl), train_t["target"][b]
+            if objective is None:
+                log_pf, _ = model(hist, hl, target)
+                loss = gr_loss(log_pf)
+                parts, stats = {"loss/gr": loss.detach()}, {}
+            else:
+                loss, parts, stats = gflowgr_step(model, heads, cm, sampler, hist, hl, target, step / max(1, total - 1), cfg, objective)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], 1.0)
+            check_finite(step, loss, parts, grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            n_seen += len(b)
+            if step % 20 == 0 or step == 1:
+                row = {k: float(v) for k, v in parts.items()} | stats
+                bar.set_postfix(loss=f"{loss.item():.3f}", **({"log_z": f"{stats['gfn/log_z']:.2f}"} if stats else {}))
+                logger.log(step=step, epoch=epoch, **row)
+        t_train += time.time() - t0
+        val = evaluate(model, valid_t, t, eval_idx, desc="valid")
+        logger.log(step=step, epoch=epoch + 1, **{f"eval/valid_{k}": v for k, v in val.items()},
+                   **{"charts/samples_per_s": n_seen / t_train, "charts/epoch_seconds": time.time() - t0})
+        improved = val["ndcg@10"] > best["ndcg@10"]
+        log(f"{method} epoch {epoch + 1}  valid HR@10 {val['hr@10']:.4f} NDCG@10 {val['ndcg@10']:.4f}"
+            f"  ({n_seen / t_train:.0f} samples/s){'  *' if improved else ''}")
+        if improved:
+            best = {"ndcg@10": val["ndcg@10"], "epoch": epoch + 1, "step": step,
+                    "state": copy.deepcopy(model.state_dict()), "heads": copy.deepcopy(heads.state_dict())}
+    model.load_state_dict(best["state"])
+    heads.load_state_dict(best["heads"])
+    info = {"best_epoch": best["epoch"], "step": best["step"], "train_seconds": t_train,
+            "seconds_per_epoch": t_train / ft.ft_epochs, "samples_per_s": n_seen / max(t_train, 1e-9)}
+    return heads, sampler, info
+
+
+def _round(x, nd=4):
+    return [round(float(v), nd) for v in x]
+
+
+@torch.no_grad()
+def build_inspect(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads, cm, sampler, test_t: dict, cfg: Config,
+                  method: str, ds) -> dict:
+    """What the app shows for a sample of test users: top-10 lists of SFT and the fine-tuned
+    model, and P_F per step, log F per prefix, log Z, rewards and Eq. (8) weights along the
+    observed and the augmented trajectories (augmented items drawn at the end of the curriculum)."""
+    sft_model.eval(), model.eval(), heads.eval()
+    n = len(test_t["target"])
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed))[: cfg.ft.inspect_users]
+    hl, target = test_t["hist_len"][idx], test_t["target"][idx]
+    hist = trim(test_t["hist"][idx], hl)
+    sft_items, sft_scores = sft_model.beam_search(hist, hl, cfg.train.beam, cfg.train.topk)
+    ft_items, ft_scores = model.beam_search(hist, hl, cfg.train.beam, cfg.train.topk)
+    if sampler is not None:
+        aug, r_c_aug = sampler.sample(hist, hl, target, progress=1.0)
+    else:
+        aug, r_c_aug = torch.empty(len(idx), 0, dtype=torch.long), torch.empty(len(idx), 0)
+    items = torch.cat([target[:, None], aug], 1)
+    r_c = torch.cat([cm.score(hist, hl, target[:, None]), r_c_aug], 1) if cm is not None else torch.zeros(items.shape)
+    log_pf, h, mem, mask = model.trajectories(hist, hl, items)
+    rew = reward(model.item_codes[items], r_c, tuple(cfg.ft.reward.split(",")))
+    log_r, w = log_reward(rew["R"]), trajectory_weight(rew["r_a"], r_c)
+    log_flow, log_z = heads.log_flow(h), heads.log_z(mem, mask)
+    users = []
+    for j, i in enumerate(idx.tolist()):
+        trajs = [{"item": int(items[j, m]), "codes": model.item_codes[items[j, m]].tolist(), "observed": m == 0,
+                  "p_f": _round(log_pf[j, m].exp()), "log_flow": _round(log_flow[j, m]), "log_pf_sum": round(float(log_pf[j, m].sum()), 4),
+                  "r_a": float(rew["r_a"][j, m]), "r_c": round(float(r_c[j, m]), 4), "r_sim": float(rew["r_sim"][j, m]),
+                  "R": round(float(rew["R"][j, m]), 4), "log_r": round(float(log_r[j, m]), 4), "weight": round(float(w[j, m]), 4)}
+                 for m in range(items.shape[1])]
+        users.append({"sample": i, "user": int(test_t["user"][i]), "history": test_t["hist"][i, : int(test_t["hist_len"][i])].tolist(),
+                      "target": int(target[j]), "log_z": round(float(log_z[j]), 4),
+                      "sft": {"items": sft_items[j].tolist(), "probs": _round(sft_scores[j].exp(), 6)},
+                      "finetuned": {"items": ft_items[j].tolist(), "probs": _round(ft_scores[j].exp(), 6)},
+                      "trajectories": trajs})
+    return {"method": method, "objective": {"gflowgr-tb": "tb", "gflowgr-db": "db"}.get(method), "users": users}
+
+
+# ----------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------
 
 
 def format_table(rows: list[tuple[str, str, dict]]) -> str:
     cols = ["hr@5", "hr@10", "ndcg@5", "ndcg@10"]
-    lines = [f"{'split':<6} {'model':<10} " + " ".join(f"{c.upper():>8}" for c in cols)]
+    lines = [f"{'split':<6} {'model':<14} " + " ".join(f"{c.upper():>8}" for c in cols)]
     lines.append("-" * len(lines[0]))
     for split, name, m in rows:
-        lines.append(f"{split:<6} {name:<10} " + " ".join(f"{m[c]:>8.4f}" for c in cols))
+        lines.append(f"{split:<6} {name:<14} " + " ".join(f"{m[c]:>8.4f}" for c in cols))
     return "\n".join(lines)
 
 
@@ -439,36 +638,69 @@ def main(cfg: Config, log=print) -> dict:
     timing["semantic_ids_s"] = time.time() - t0
 
     t0 = time.time()
-    model, info, stage = sft_stage(ds, splits, trie, ids_key, cfg, device, log)
+    model, sft_info, stage = sft_stage(ds, splits, trie, ids_key, cfg, device, log)
     timing["sft_s"] = time.time() - t0
 
     eval_path = stage / "eval.json"
     if eval_path.exists():  # evaluation of a cached checkpoint is deterministic: reuse it
-        log(f"[cache] evaluation: {eval_path}")
-        ev = json.loads(eval_path.read_text())
+        log(f"[cache] SFT evaluation: {eval_path}")
+        sft_ev = json.loads(eval_path.read_text())
     else:
         t0 = time.time()
-        ev = {name: evaluate(model, to_tensors(splits[name], device), t, desc=name) for name in ("valid", "test")}
-        ev["eval_seconds"] = time.time() - t0
-        ev["eval_users_per_s"] = (len(splits["valid"]) + len(splits["test"])) / ev["eval_seconds"]
-        atomic_write_json(ev, eval_path)
+        sft_ev = {name: evaluate(model, to_tensors(splits[name], device), t, desc=name) for name in ("valid", "test")}
+        sft_ev["eval_seconds"] = time.time() - t0
+        sft_ev["eval_users_per_s"] = (len(splits["valid"]) + len(splits["test"])) / sft_ev["eval_seconds"]
+        atomic_write_json(sft_ev, eval_path)
     pop = mostpop_metrics(ds, splits, t.topk)
-    timing["total_s"] = time.time() - t_start
 
     run_dir = Path(t.out) / f"{ds.name}__{t.method}__seed{t.seed}"
+    result = {"sft": sft_info, "sft_eval": sft_ev, "mostpop": pop, "tokenizer": tok_report, "stage": str(stage)}
+    rows = {"SFT": sft_ev, "MostPop": pop}
+    if t.method == "sft":
+        result.update(test=sft_ev["test"], valid=sft_ev["valid"])
+        ckpt_src, inspect = stage / "checkpoint.pt", None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(stage / "metrics.jsonl", run_dir / "metrics.jsonl.tmp")
+        os.replace(run_dir / "metrics.jsonl.tmp", run_dir / "metrics.jsonl")
+    else:
+        t0 = time.time()
+        cm, cm_info = collab.load_or_train(ds, splits, cfg.cm, Path(t.out) / ds.name, device, log)
+        cm.to(device).eval()
+        timing["cm_s"] = time.time() - t0
+        sft_model = copy.deepcopy(model).eval()
+        tensors = {name: to_tensors(splits[name], device) for name in ("train", "valid", "test")}
+        logger = JsonlLogger(run_dir / "metrics.jsonl")
+        t0 = time.time()
+        log(f"[stage] {t.method}: {cfg.ft.ft_epochs} epochs from the SFT checkpoint")
+        heads, sampler, ft_info = finetune(model, cm, tensors["train"], tensors["valid"], cfg, t.method, logger, log)
+        logger.close()
+        timing["finetune_s"] = time.time() - t0
+        t0 = time.time()
+        ev = {name: evaluate(model, tensors[name], t, desc=name) for name in ("valid", "test")}
+        timing["eval_s"] = time.time() - t0
+        result.update(test=ev["test"], valid=ev["valid"], finetune=ft_info, cm={k: cm_info[k] for k in ("valid", "test")})
+        rows = {t.method.upper(): ev, **rows, "CM (SASRec)": cm_info}
+        inspect = build_inspect(sft_model, model, heads, cm, sampler, tensors["test"], cfg, t.method, ds)
+        ckpt_src = None
+    timing["total_s"] = time.time() - t_start
+    result.update(timing=timing, peak_memory_mb=peak_memory_mb())
+    if t.method == "sft":
+        rows = {"SFT": sft_ev, "MostPop": pop}
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    result = {"test": ev["test"], "valid": ev["valid"], "mostpop": pop, "sft": info, "tokenizer": tok_report,
-              "eval": {k: ev[k] for k in ("eval_seconds", "eval_users_per_s") if k in ev},
-              "timing": timing, "peak_memory_mb": peak_memory_mb(), "stage": str(stage)}
     atomic_write_json(asdict(cfg), run_dir / "config.json")
-    shutil.copyfile(stage / "metrics.jsonl", run_dir / "metrics.jsonl.tmp")
-    os.replace(run_dir / "metrics.jsonl.tmp", run_dir / "metrics.jsonl")
-    shutil.copyfile(stage / "checkpoint.pt", run_dir / "checkpoint.pt.tmp")
-    os.replace(run_dir / "checkpoint.pt.tmp", run_dir / "checkpoint.pt")
+    if ckpt_src is not None:
+        shutil.copyfile(ckpt_src, run_dir / "checkpoint.pt.tmp")
+        os.replace(run_dir / "checkpoint.pt.tmp", run_dir / "checkpoint.pt")
+    else:
+        atomic_save({"model": model.state_dict(), "model_args": model.model_args(), "heads": heads.state_dict(),
+                     "heads_args": {"d_model": cfg.model.d_model, "log_z": cfg.ft.log_z}, "step": ft_info["step"],
+                     "config": asdict(cfg)}, run_dir / "checkpoint.pt")
+    if inspect is not None:
+        atomic_write_json(inspect, run_dir / "inspect.json")
     atomic_write_json(result, run_dir / "metrics.json")
 
-    rows = [(split, name, m) for split in ("test", "valid") for name, m in ((t.method.upper(), ev[split]), ("MostPop", pop[split]))]
-    log("\n" + format_table(rows))
+    log("\n" + format_table([(split, name, m[split]) for split in ("test", "valid") for name, m in rows.items()]))
     log(f"\nrun folder: {run_dir}   total {timing['total_s']:.0f}s")
     return result
 
@@ -477,7 +709,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         main(cfg)
-    except DataError as e:
+    except (DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

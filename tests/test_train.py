@@ -1,5 +1,7 @@
 """The pipeline end to end on `toy`: artefacts, MostPop reference, caching, evaluation alignment, CLI errors."""
+import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +111,55 @@ def test_cli_missing_data_offline(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "--data-dir" in err and "GFLOWGR_DATA" in err and "reviews_Beauty_5.json.gz" in err
     assert not (tmp_path / "runs" / "beauty__sft__seed42").exists()
+
+
+def finetune_config(toy_run, method, **ft):
+    cfg, _, _ = toy_run
+    c = copy.deepcopy(cfg)
+    c.train.method = method
+    c.cm.epochs, c.cm.patience = 3, 3
+    c.ft.ft_epochs, c.ft.head_warmup, c.ft.inspect_users = 1, 5, 5
+    for k, v in ft.items():
+        setattr(c.ft, k, v)
+    return c
+
+
+@pytest.mark.parametrize("method", ["gflowgr-tb", "gflowgr-db", "sft-continued"])
+def test_finetuning_methods_run_from_the_cached_sft(toy_run, method):
+    cfg = finetune_config(toy_run, method)
+    lines = []
+    metrics = main(cfg, log=lines.append)
+    assert "[cache] SFT checkpoint" in "\n".join(lines)
+    d = Path(cfg.train.out) / f"toy__{method}__seed{cfg.train.seed}"
+    saved = json.loads((d / "metrics.json").read_text())
+    assert set(saved["test"]) == KEYS and 0 <= saved["test"]["hr@10"] <= 1
+    assert saved["sft_eval"]["test"] == toy_run[1]["test"]  # the SFT reference row is the cached SFT
+    ckpt = torch.load(d / "checkpoint.pt")
+    assert {"model", "model_args", "heads", "step", "config"} <= set(ckpt)
+    # sft-continued gets exactly the fine-tuning budget of the GFlowGR methods
+    n_batches = math.ceil(len(data_mod.split_leave_one_out(data_mod.load_dataset(cfg.data, verbose=False))["train"]) / cfg.train.batch_size)
+    assert metrics["finetune"]["step"] == n_batches
+    curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*curves)
+    if method != "sft-continued":
+        assert {"loss/gr", "loss/gfn", "gfn/log_z", "gfn/log_r_obs", "gfn/log_r_aug", "weight/mean", "sampler/cm_score"} <= keys
+        ins = json.loads((d / "inspect.json").read_text())
+        user = ins["users"][0]
+        assert len(user["trajectories"]) == 1 + cfg.sampler.K
+        obs = user["trajectories"][0]
+        assert obs["observed"] and obs["item"] == user["target"] and obs["r_sim"] == 4 and obs["r_a"] == 1
+        assert len(obs["p_f"]) == 4 and all(0 < p <= 1 for p in obs["p_f"])
+        assert all(1.0 <= tr["weight"] <= 1 / 0.3**2 + 1e-3 for tr in user["trajectories"])
+        assert len(user["sft"]["items"]) == 10 and len(user["finetuned"]["items"]) == 10
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lambda", "-1"], "--lambda must be >= 0"),
+    (["--K", "-2"], "--K must be >= 0"),
+    (["--K", "60", "--n-candidates", "50"], "--K (60) cannot exceed"),
+    (["--reward", "ra,foo"], "--reward must be"),
+    (["--sampler", "greedy"], "unknown sampler"),
+])
+def test_cli_bad_finetune_flags(argv, message, capsys):
+    assert cli(argv) == 2
+    assert message in capsys.readouterr().err
