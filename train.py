@@ -684,8 +684,6 @@ def main(cfg: Config, log=print) -> dict:
         ckpt_src = None
     timing["total_s"] = time.time() - t_start
     result.update(timing=timing, peak_memory_mb=peak_memory_mb())
-    if t.method == "sft":
-        rows = {"SFT": sft_ev, "MostPop": pop}
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(asdict(cfg), run_dir / "config.json")
