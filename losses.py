@@ -51,9 +51,15 @@ def reward(codes: torch.Tensor, r_c: torch.Tensor, terms=REWARD_TERMS) -> dict[s
     return {"r_a": r_a, "r_c": r_c, "r_sim": r_sim, "R": R}
 
 
-def log_reward(R: torch.Tensor, floor: float = REWARD_FLOOR) -> torch.Tensor:
-    """log R with R floored at `floor` (R = 0 is possible; see REWARD_FLOOR)."""
-    return torch.log(R.clamp_min(floor))
+def log_reward(R: torch.Tensor, floor: float = REWARD_FLOOR, beta: float = 1.0) -> torch.Tensor:
+    """log R^beta = beta * log R, with R floored at `floor` (R = 0 is possible; see REWARD_FLOOR).
+
+    beta is the reward exponent of GFlowNets (Bengio et al. 2021 train towards R^beta): the
+    balanced policy gives P(tau') / P(tau) = (R(tau') / R(tau))^beta. The paper uses beta = 1;
+    see README "Choices" for why fine-tuning needs a larger one.
+    """
+    # log R(s_L) of Eq. (5)/(6), sharpened: beta * log max(R, floor)
+    return beta * torch.log(R.clamp_min(floor))
 
 
 def tb_loss(log_z: torch.Tensor, log_pf: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:

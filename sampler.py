@@ -11,6 +11,12 @@ not the user's taste), at p = 1 the K highest-scored (hard: items the CM thinks 
 would like but never interacted with). `random` picks K candidates uniformly (the paper's
 "w/o Ada" ablation); `none` uses no augmented trajectory (K = 0, "w/o Traj").
 
+Where the N candidates come from (the paper does not say): `random` draws them uniformly
+from the catalogue; `policy` takes the current model's own top-N items for U (trie beam
+search, beam N, no gradient), i.e. the unobserved items the generator already ranks high,
+which are the ones the GFlowNet loss can re-rank. Items in the history or equal to v are
+replaced by uniform draws in both cases.
+
 Usage: `aug, r_c_aug = TrajectorySampler(cm, n_items, SamplerConfig()).sample(hist, hist_len, target, progress)`
 """
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 SAMPLERS = ("adaptive", "random", "none")
+CANDIDATES = ("random", "policy")
 
 
 @dataclass
@@ -27,6 +34,7 @@ class SamplerConfig:
     sampler: str = field(default="adaptive", metadata={"help": "augmented-item sampler: adaptive | random | none"})
     K: int = field(default=3, metadata={"help": "augmented trajectories per sample (0 with --sampler none)"})
     n_candidates: int = field(default=50, metadata={"help": "N: candidates scored by the CM per sample"})
+    candidates: str = field(default="random", metadata={"help": "candidate source: random (uniform) | policy (the model's own top-N)"})
 
 
 class TrajectorySampler:
@@ -35,18 +43,22 @@ class TrajectorySampler:
     def __init__(self, cm, n_items: int, cfg: SamplerConfig, seed: int = 0):
         if cfg.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {cfg.sampler!r}")
+        if cfg.candidates not in CANDIDATES:
+            raise ValueError(f"unknown candidate source {cfg.candidates!r}")
         self.cm, self.n_items, self.cfg = cm, n_items, cfg
         self.K = 0 if cfg.sampler == "none" else cfg.K
         self.gen = torch.Generator().manual_seed(seed)
 
-    def candidates(self, hist: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """N uniform random items per sample, none in the history or equal to the target: (B, N).
+    def candidates(self, hist: torch.Tensor, target: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """N items per sample, none in the history or equal to the target: (B, N), on the CPU.
 
-        Collisions (rare: histories hold <= 20 of thousands of items) are redrawn until none
-        is left; with tiny catalogues a few rounds suffice.
+        start (B, N): proposed items (the policy's top-N, -1 for none); default all uniform.
+        Items that are in the history, equal the target or are -1 are redrawn uniformly until
+        none is left; with tiny catalogues a few rounds suffice.
         """
         B, N = target.shape[0], self.cfg.n_candidates
-        cand = torch.randint(self.n_items, (B, N), generator=self.gen)
+        cand = torch.full((B, N), -1, dtype=torch.long) if start is None else start.cpu().clone()
+        cand[cand < 0] = torch.randint(self.n_items, (int((cand < 0).sum()),), generator=self.gen)
         for _ in range(100):
             bad = (cand[:, :, None] == hist.cpu()[:, None, :]).any(-1) | (cand == target.cpu()[:, None])
             if not bad.any():
@@ -55,12 +67,21 @@ class TrajectorySampler:
         raise ValueError("could not draw candidates outside the history: the catalogue is too small for --n-candidates")
 
     @torch.no_grad()
-    def sample(self, hist: torch.Tensor, hist_len: torch.Tensor, target: torch.Tensor, progress: float):
-        """Returns augmented items (B, K) and their CM scores r_c (B, K), on the device of hist."""
+    def sample(self, hist: torch.Tensor, hist_len: torch.Tensor, target: torch.Tensor, progress: float, model=None):
+        """Returns augmented items (B, K) and their CM scores r_c (B, K), on the device of hist.
+
+        model: the generator being fine-tuned; needed for candidates = "policy".
+        """
         B, dev = target.shape[0], hist.device
         if self.K == 0:
             return torch.empty(B, 0, dtype=torch.long, device=dev), torch.empty(B, 0, device=dev)
-        cand = self.candidates(hist, target).to(dev)  # (B, N)
+        top = None
+        if self.cfg.candidates == "policy":
+            was_training = model.training
+            model.eval()  # no dropout while proposing
+            top, _ = model.beam_search(hist, hist_len, self.cfg.n_candidates, self.cfg.n_candidates)  # (B, N)
+            model.train(was_training)
+        cand = self.candidates(hist, target, top).to(dev)  # (B, N)
         score = self.cm.score(hist, hist_len, cand)  # (B, N) in [0, 1]: y_CM(v'_n, U)
         N = cand.shape[1]
         if self.cfg.sampler == "random":

@@ -39,7 +39,7 @@ from data import DataConfig, DataError, Split
 from gflowgr import GFlowNetHeads, GRModel, ModelConfig
 from losses import REWARD_TERMS, gflowgr_loss, gr_loss, log_reward, reward, trajectory_weight
 from metrics import ranking_metrics
-from sampler import SAMPLERS, SamplerConfig, TrajectorySampler
+from sampler import CANDIDATES, SAMPLERS, SamplerConfig, TrajectorySampler
 from tokenizer import TokenizerConfig, Trie, build_semantic_ids, embed_texts
 
 METHODS = ("sft", "sft-continued", "gflowgr-tb", "gflowgr-db")
@@ -75,6 +75,8 @@ class FinetuneConfig:
     reward: str = field(default="ra,rc,rsim", metadata={"help": "reward terms, any subset of ra,rc,rsim (Sec. 3.2)"})
     weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
     log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z)"})
+    reward_beta: float = field(default=1.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1)"})
+    rsim_dedup: bool = field(default=False, metadata={"help": "count the dedup (collision) token in r_sim too (default: semantic levels only)"})
     inspect_users: int = field(default=40, metadata={"help": "test users whose trajectories go into inspect.json"})
 
 
@@ -167,6 +169,10 @@ def finalize(cfg: Config) -> Config:
         raise DataError(f"--K must be >= 0 (got {sp.K})")
     if sp.sampler not in SAMPLERS:
         raise DataError(f"unknown sampler {sp.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if sp.candidates not in CANDIDATES:
+        raise DataError(f"unknown --candidates {sp.candidates!r}: choose one of {', '.join(CANDIDATES)}")
+    if ft.reward_beta <= 0:
+        raise DataError(f"--reward-beta must be > 0 (got {ft.reward_beta})")
     if sp.sampler != "none" and sp.K > sp.n_candidates:
         raise DataError(f"--K ({sp.K}) cannot exceed the candidate pool --n-candidates ({sp.n_candidates})")
     terms = [x for x in ft.reward.split(",") if x]
@@ -463,16 +469,29 @@ def check_finite(step: int, loss: torch.Tensor, parts: dict, grad_norm: torch.Te
         raise FloatingPointError(f"non-finite gradient at step {step} (loss {loss.item():.4g})")
 
 
+def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, cfg: Config):
+    """Sec. 3.2 reward of items (B, M) (column 0 observed) and its floored log R^beta, each (B, M).
+
+    r_sim compares the semantic tokens t_1..t_levels only, unless --rsim-dedup: the last
+    token only numbers items that collide on those, and 82% of Beauty items carry dedup
+    token 0, so two unrelated items would 'share' it.
+    """
+    codes = model.item_codes[items]  # (B, M, L)
+    if not cfg.ft.rsim_dedup:
+        codes = codes[..., : cfg.tok.levels]
+    rew = reward(codes, r_c, tuple(cfg.ft.reward.split(",")))
+    return rew, log_reward(rew["R"], beta=cfg.ft.reward_beta)
+
+
 def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: float, cfg: Config, objective: str):
     """One GFlowGR batch: sample tau', score rewards, compute Eq. (8). Returns loss, parts, stats."""
     ft = cfg.ft
-    aug, r_c_aug = sampler.sample(hist, hist_len, target, progress)  # (B, K), (B, K)
+    aug, r_c_aug = sampler.sample(hist, hist_len, target, progress, model)  # (B, K), (B, K)
     r_c_obs = cm.score(hist, hist_len, target[:, None])  # (B, 1): y_CM(v, U)
     items = torch.cat([target[:, None], aug], 1)  # (B, M): column 0 is the observed trajectory tau
     r_c = torch.cat([r_c_obs, r_c_aug], 1)  # (B, M)
     log_pf, h, mem, mask = model.trajectories(hist, hist_len, items)  # (B, M, L), (B, M, L, d)
-    rew = reward(model.item_codes[items], r_c, tuple(ft.reward.split(",")))
-    log_r = log_reward(rew["R"])  # (B, M)
+    rew, log_r = trajectory_rewards(model, items, r_c, cfg)  # log_r: (B, M)
     log_z = heads.log_z(mem, mask) if objective == "tb" else None  # (B,)
     log_flow = heads.log_flow(h) if objective == "db" else None  # (B, M, L)
     loss, parts = gflowgr_loss(log_pf, log_r, objective=objective, r_a=rew["r_a"], r_c=r_c, log_z=log_z,
@@ -580,14 +599,14 @@ def build_inspect(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads, cm, 
     sft_items, sft_scores = sft_model.beam_search(hist, hl, cfg.train.beam, cfg.train.topk)
     ft_items, ft_scores = model.beam_search(hist, hl, cfg.train.beam, cfg.train.topk)
     if sampler is not None:
-        aug, r_c_aug = sampler.sample(hist, hl, target, progress=1.0)
+        aug, r_c_aug = sampler.sample(hist, hl, target, progress=1.0, model=model)
     else:
         aug, r_c_aug = torch.empty(len(idx), 0, dtype=torch.long), torch.empty(len(idx), 0)
     items = torch.cat([target[:, None], aug], 1)
     r_c = torch.cat([cm.score(hist, hl, target[:, None]), r_c_aug], 1) if cm is not None else torch.zeros(items.shape)
     log_pf, h, mem, mask = model.trajectories(hist, hl, items)
-    rew = reward(model.item_codes[items], r_c, tuple(cfg.ft.reward.split(",")))
-    log_r, w = log_reward(rew["R"]), trajectory_weight(rew["r_a"], r_c)
+    rew, log_r = trajectory_rewards(model, items, r_c, cfg)
+    w = trajectory_weight(rew["r_a"], r_c)
     log_flow, log_z = heads.log_flow(h), heads.log_z(mem, mask)
     users = []
     for j, i in enumerate(idx.tolist()):

@@ -122,3 +122,11 @@ def test_gflownet_matches_reward_distribution(objective):
     assert torch.allclose(p.sum(1), torch.ones(2), atol=1e-4)
     tv = 0.5 * (p - target).abs().sum(1)
     assert (tv < 0.05).all(), tv
+
+
+def test_reward_exponent_scales_log_reward():
+    R = torch.tensor([0.0, 2.0, 5.0])
+    # beta * log max(R, floor): 2 * log 0.01, 2 * log 2, 2 * log 5
+    expected = torch.tensor([2 * math.log(0.01), 2 * math.log(2.0), 2 * math.log(5.0)])
+    assert torch.allclose(log_reward(R, beta=2.0), expected)
+    assert torch.allclose(log_reward(R), expected / 2)

@@ -59,3 +59,38 @@ def test_random_sampler_has_no_curriculum_and_none_samples_nothing():
     assert abs(early - late) < 0.05  # both near the candidate mean, ~0.5
     aug, r_c = TrajectorySampler(FixedCM(n_items), n_items, SamplerConfig(sampler="none", K=3)).sample(hist, hist_len, target, 0.5)
     assert aug.shape == (256, 0) and r_c.shape == (256, 0)
+
+
+class TopPolicy:
+    """A stand-in generator whose beam search ranks items 0, 1, 2, ... for every user."""
+
+    training = True
+
+    def eval(self):
+        self.training = False
+
+    def train(self, mode=True):
+        self.training = mode
+
+    def beam_search(self, hist, hist_len, beam, topk):
+        assert not self.training  # proposals are made without dropout
+        return torch.arange(topk).expand(len(hist), topk).clone(), torch.zeros(len(hist), topk)
+
+
+def test_policy_candidates_are_the_models_top_items_minus_history_and_target():
+    n_items = 1000
+    hist = torch.tensor([[0, 5, 7], [100, 101, 102]])
+    target = torch.tensor([3, 2])
+    cfg = SamplerConfig(K=3, n_candidates=10, candidates="policy")
+    top = torch.arange(10).expand(2, 10).clone()  # what TopPolicy proposes
+    cand = TrajectorySampler(FixedCM(n_items), n_items, cfg, seed=0).candidates(hist, target, top)
+    # the top-10 stay, except 0, 3, 5, 7 in row 0 and 2 in row 1 (history / target): redrawn uniformly
+    assert cand[0, [1, 2, 4, 6, 8, 9]].tolist() == [1, 2, 4, 6, 8, 9]
+    assert cand[1, [0, 1, 3, 4, 5, 6, 7, 8, 9]].tolist() == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+    assert not (cand[:, :, None] == hist[:, None, :]).any() and not (cand == target[:, None]).any()
+    # sample() proposes with the model in eval mode, restores its mode, and at the end of the
+    # curriculum takes the CM's three favourites among these candidates
+    policy = TopPolicy()
+    aug, r_c = TrajectorySampler(FixedCM(n_items), n_items, cfg, seed=0).sample(hist, torch.tensor([3, 3]), target, 1.0, model=policy)
+    assert policy.training
+    assert aug.sort(1).values.tolist() == cand.sort(1).values[:, -3:].tolist()

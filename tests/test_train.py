@@ -147,7 +147,7 @@ def test_finetuning_methods_run_from_the_cached_sft(toy_run, method):
         user = ins["users"][0]
         assert len(user["trajectories"]) == 1 + cfg.sampler.K
         obs = user["trajectories"][0]
-        assert obs["observed"] and obs["item"] == user["target"] and obs["r_sim"] == 4 and obs["r_a"] == 1
+        assert obs["observed"] and obs["item"] == user["target"] and obs["r_sim"] == cfg.tok.levels and obs["r_a"] == 1
         assert len(obs["p_f"]) == 4 and all(0 < p <= 1 for p in obs["p_f"])
         assert all(1.0 <= tr["weight"] <= 1 / 0.3**2 + 1e-3 for tr in user["trajectories"])
         assert len(user["sft"]["items"]) == 10 and len(user["finetuned"]["items"]) == 10
@@ -158,6 +158,8 @@ def test_finetuning_methods_run_from_the_cached_sft(toy_run, method):
     (["--K", "-2"], "--K must be >= 0"),
     (["--K", "60", "--n-candidates", "50"], "--K (60) cannot exceed"),
     (["--reward", "ra,foo"], "--reward must be"),
+    (["--candidates", "beam"], "unknown --candidates 'beam'"),
+    (["--reward-beta", "0"], "--reward-beta must be > 0"),
     (["--sampler", "greedy"], "unknown sampler"),
 ])
 def test_cli_bad_finetune_flags(argv, message, capsys):
@@ -174,3 +176,20 @@ def test_non_finite_loss_or_gradient_stops_with_step_and_term():
     with pytest.raises(FloatingPointError, match="non-finite gradient at step 7"):
         check_finite(7, torch.tensor(2.0), {}, torch.tensor(float("inf")))
     check_finite(8, torch.tensor(2.0), {"loss/gr": torch.tensor(2.0)}, torch.tensor(3.0))  # finite: no error
+
+
+def test_rsim_ignores_the_dedup_token_unless_asked():
+    from types import SimpleNamespace
+
+    from train import trajectory_rewards
+    # item 0 observed; item 1 shares only the dedup token 0; item 2 shares t_1 and the dedup token
+    model = SimpleNamespace(item_codes=torch.tensor([[3, 4, 5, 0], [7, 8, 9, 0], [3, 1, 2, 0]]))
+    items, r_c = torch.tensor([[0, 1, 2]]), torch.tensor([[0.5, 0.2, 0.1]])
+    cfg = parse_config(["--dataset", "toy", "--levels", "3"])
+    rew, log_r = trajectory_rewards(model, items, r_c, cfg)
+    assert rew["r_sim"].tolist() == [[3.0, 0.0, 1.0]]
+    assert rew["R"][0].tolist() == pytest.approx([1 + 0.5 + 3, 0.2, 1.1])
+    cfg = parse_config(["--dataset", "toy", "--levels", "3", "--rsim-dedup", "--reward-beta", "2"])
+    rew, log_r = trajectory_rewards(model, items, r_c, cfg)
+    assert rew["r_sim"].tolist() == [[4.0, 1.0, 2.0]]
+    assert log_r[0].tolist() == pytest.approx([2 * math.log(5.5), 2 * math.log(1.2), 2 * math.log(2.1)])
