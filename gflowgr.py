@@ -259,6 +259,34 @@ class GRModel(nn.Module):
         return items[:, :topk], score[:, :topk]
 
 
+    @torch.no_grad()
+    def sample(self, hist: torch.Tensor, hist_len: torch.Tensor, n: int, generator: torch.Generator | None = None):
+        """Draw n items per user from the trie-masked policy, token by token (ancestral sampling).
+
+        Used by the RL baselines (GRPO, PPO). Every draw is a real item because each step
+        samples from P_F(. | U, s_l), which is zero outside the trie. Returns items (B, n)
+        and their log P(item | U) = sum_l log P_F (B, n). Draws are independent (with
+        replacement). Sampling runs on the CPU generator for reproducibility.
+        """
+        B, dev = hist.shape[0], hist.device
+        mem, mask = self.encode(hist, hist_len)
+        cross_kv = [layer.cross.project_kv(mem) for layer in self.dec_layers]
+        node = torch.zeros(B, n, dtype=torch.long, device=dev)  # (B, n): all draws start at the root
+        score = torch.zeros(B, n, device=dev)
+        x = self.bos.expand(B, n, -1)  # (B, n, d)
+        caches = [None] * len(self.dec_layers)
+        for level in range(self.L):
+            h = x + self.dec_pos.weight[level]
+            for i, layer in enumerate(self.dec_layers):
+                h, caches[i] = layer.step(h, caches[i], cross_kv[i], mask)
+            log_pf = self.masked_log_pf(self.logits(self.dec_ln(h), level), node)  # (B, n, V)
+            token = torch.multinomial(log_pf.exp().flatten(0, 1).cpu(), 1, generator=generator).view(B, n).to(dev)
+            score = score + log_pf.gather(2, token[..., None]).squeeze(2)
+            node = self.trie_next_node[node, token]
+            x = self.code_emb(token + self.level_offset[level])  # (B, n, d)
+        return self.trie_leaf_item[node], score
+
+
 class GFlowNetHeads(nn.Module):
     """The learnable GFlowNet quantities of Eq. (5)/(6), kept apart from the SFT backbone.
 

@@ -1,4 +1,5 @@
-"""Training objectives of GFlowGR: L_GR (Eq. 1), reward (Sec. 3.2), L_DB (Eq. 5), L_TB (Eq. 6), Eq. (7)/(8).
+"""Training objectives of GFlowGR: L_GR (Eq. 1), reward (Sec. 3.2), L_DB (Eq. 5), L_TB (Eq. 6), Eq. (7)/(8),
+and of the Table 1 baselines: DPO, S-DPO (also used by SPRec and IPA), GRPO, PPO.
 
 Every log P_F here is the trie-masked policy of `gflowgr.GRModel.masked_log_pf`: the same
 distribution beam search decodes from. Trajectories are paths in the ID prefix tree, so each
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 
 import torch
+import torch.nn.functional as F
 
 # R can be 0 (e.g. an augmented item under the r_a-only reward); log R is floored at
 # log(0.01): such an item should get ~1/600 of the observed item's flow (R = 1 + r_c + 4),
@@ -30,16 +32,18 @@ def gr_loss(log_pf: torch.Tensor) -> torch.Tensor:
     return -log_pf.sum(1).mean()
 
 
-def reward(codes: torch.Tensor, r_c: torch.Tensor, terms=REWARD_TERMS) -> dict[str, torch.Tensor]:
+def reward(codes: torch.Tensor, r_c: torch.Tensor, terms=REWARD_TERMS, r_a: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Comprehensive reward of Sec. 3.2 for M = 1 + K trajectories per sample.
 
     codes (B, M, L): semantic IDs, column 0 the observed item; r_c (B, M): CM scores in [0, 1].
-    Returns r_a, r_c, r_sim and R = sum of the chosen terms, each (B, M).
+    r_a (B, M): default 1 for column 0 and 0 elsewhere; the RL baselines pass 1 where a
+    sampled item is the observed one. Returns r_a, r_c, r_sim and R, each (B, M).
     """
     B, M, L = codes.shape
-    # r_a: 1 for the observed trajectory tau, 0 for every augmented tau'
-    r_a = torch.zeros(B, M, device=codes.device)
-    r_a[:, 0] = 1.0
+    if r_a is None:
+        # r_a: 1 for the observed trajectory tau, 0 for every augmented tau'
+        r_a = torch.zeros(B, M, device=codes.device)
+        r_a[:, 0] = 1.0
     # r_sim = sum_l 1[t_l = t'_l] (= L for tau itself)
     r_sim = (codes == codes[:, :1]).sum(-1).float()
     parts = {"ra": r_a, "rc": r_c, "rsim": r_sim}
@@ -116,3 +120,62 @@ def gflowgr_loss(log_pf: torch.Tensor, log_r: torch.Tensor, *, objective: str, r
     l_gfn_total = (w * l_gfn).sum(1).mean()
     loss = l_gr + lam * l_gfn_total
     return loss, {"loss/gr": l_gr.detach(), "loss/gfn": l_gfn_total.detach(), "weight/mean": w.mean().detach()}
+
+
+# ----------------------------------------------------------------------------------------
+# Table 1 baselines. logp = log pi(v | U) = sum_l log P_F along v's ID (the same trie-masked
+# policy); ref = the same under the frozen reference model.
+# ----------------------------------------------------------------------------------------
+
+
+def dpo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, beta: float) -> torch.Tensor:
+    r"""DPO (Rafailov et al. 2023) for chosen w and rejected l, all (B,) -> (B,).
+
+    \mathcal{L}_{DPO} = -\log\sigmaig(eta[(\log\pi(w) - \log\pi_{ref}(w)) - (\log\pi(l) - \log\pi_{ref}(l))]ig)
+    """
+    return -F.logsigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l)))
+
+
+def sdpo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, beta: float) -> torch.Tensor:
+    r"""S-DPO (Chen et al. 2024, softmax DPO): J rejected items in one softmax. logp_w (B,), logp_l (B, J) -> (B,).
+
+    \mathcal{L}_{S-DPO} = -\log\sigma\Big(-\log\sum_j \expig(eta (r_j - r_w)ig)\Big), \quad r = \log\pi - \log\pi_{ref}
+    With J = 1 it is DPO.
+    """
+    r_w, r_l = logp_w - ref_w, logp_l - ref_l  # (B,), (B, J)
+    return -F.logsigmoid(-torch.logsumexp(beta * (r_l - r_w[:, None]), dim=1))
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): A_i = (R_i - mean_g R) / (std_g R + eps) within each user's group. (B, G) -> (B, G)."""
+    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def kl_to_reference(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-sample estimate of KL(pi || pi_ref) on items drawn from pi (Schulman's k3, as GRPO uses):
+    pi_ref/pi - log(pi_ref/pi) - 1 >= 0."""
+    d = ref - logp
+    return d.exp() - d - 1
+
+
+def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:
+    """PPO's clipped objective as a loss: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi / pi_old (elementwise)."""
+    ratio = (logp - logp_old).exp()
+    return -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+
+
+def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, ref: torch.Tensor, adv: torch.Tensor, clip: float,
+              kl_coef: float) -> torch.Tensor:
+    """GRPO: clipped surrogate with group advantages plus kl_coef * KL to the frozen reference; (B, G) -> scalar."""
+    return (clipped_surrogate(logp, logp_old, adv, clip) + kl_coef * kl_to_reference(logp, ref)).mean()
+
+
+def ppo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, value: torch.Tensor, ret: torch.Tensor,
+             clip: float, vf_coef: float) -> torch.Tensor:
+    """PPO (Schulman et al. 2017), one-step episodes: clipped surrogate + vf_coef * (V(U) - return)^2. (B,) -> scalar.
+
+    The KL penalty to the reference sits in the reward (return = R - kl_coef * (log pi_old - log pi_ref)),
+    as in RLHF's PPO.
+    """
+    return clipped_surrogate(logp, logp_old, adv, clip).mean() + vf_coef * ((value - ret) ** 2).mean()

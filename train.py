@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 import collab
+from baselines import BASELINES, Baseline, BaselineConfig
 import data as data_mod
 from collab import CollabConfig
 from data import DataConfig, DataError, Split
@@ -42,7 +43,7 @@ from metrics import ranking_metrics
 from sampler import CANDIDATES, SAMPLERS, SamplerConfig, TrajectorySampler
 from tokenizer import TokenizerConfig, Trie, build_semantic_ids, embed_texts
 
-METHODS = ("sft", "sft-continued", "gflowgr-tb", "gflowgr-db")
+METHODS = ("sft", "sft-continued", "gflowgr-tb", "gflowgr-db", *BASELINES)
 FINETUNE_METHODS = METHODS[1:]
 
 
@@ -67,7 +68,7 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    ft_epochs: int = field(default=2, metadata={"help": "fine-tuning epochs (gflowgr-*, sft-continued: same budget)"})
+    ft_epochs: int = field(default=2, metadata={"help": "fine-tuning epochs (every fine-tuning method: same budget)"})
     ft_lr: float = field(default=3e-4, metadata={"help": "fine-tuning learning rate of the backbone"})
     head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the log Z / log F heads (larger, as GFlowNets use)"})
     head_warmup: int = field(default=200, metadata={"help": "first steps train only the log Z / log F heads (backbone frozen)"})
@@ -75,7 +76,7 @@ class FinetuneConfig:
     reward: str = field(default="ra,rc,rsim", metadata={"help": "reward terms, any subset of ra,rc,rsim (Sec. 3.2)"})
     weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
     log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z)"})
-    reward_beta: float = field(default=1.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1)"})
+    reward_beta: float = field(default=3.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1; 3 was best on Beauty valid)"})
     rsim_dedup: bool = field(default=False, metadata={"help": "count the dedup (collision) token in r_sim too (default: semantic levels only)"})
     inspect_users: int = field(default=40, metadata={"help": "test users whose trajectories go into inspect.json"})
 
@@ -89,6 +90,7 @@ class Config:
     cm: CollabConfig = field(default_factory=CollabConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     ft: FinetuneConfig = field(default_factory=FinetuneConfig)
+    bl: BaselineConfig = field(default_factory=BaselineConfig)
 
 
 # Per-data-set overrides of the defaults; flags given on the command line win.
@@ -515,14 +517,29 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
     device = train_t["target"].device
     objective = {"gflowgr-tb": "tb", "gflowgr-db": "db"}.get(method)
     heads = GFlowNetHeads(cfg.model.d_model, ft.log_z).to(device)
-    sampler = TrajectorySampler(cm, model.item_codes.shape[0], cfg.sampler, seed=t.seed) if objective else None
-    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": ft.ft_lr, "weight_decay": t.weight_decay},
-                             {"params": heads.parameters(), "lr": ft.head_lr, "weight_decay": 0.0}])
+    needs_sampler = objective or method in ("dpo", "sdpo")
+    sampler = TrajectorySampler(cm, model.item_codes.shape[0], cfg.sampler, seed=t.seed) if needs_sampler else None
+    baseline = None
+    if method in BASELINES:
+        def propose(m, n):  # the model's own top-n items for every training sample (SPRec, IPA)
+            items = recommend(m, train_t, dataclasses.replace(t, beam=max(t.beam, n), topk=n), desc=f"{method} proposals")[0]
+            m.train()
+            return items
+        baseline = Baseline(method, model, copy.deepcopy(model).eval(), cm, sampler, cfg.bl, tuple(ft.reward.split(",")),
+                            cfg.tok.levels, len(train_t["target"]), propose, seed=t.seed)
+        for p in baseline.parameters():
+            p.data = p.data.to(device)
+    extra_params = list(heads.parameters()) if baseline is None else baseline.parameters()
+    # the heads (log Z / log F, or PPO's value head) get their own, larger learning rate
+    groups = [{"params": model.parameters(), "lr": ft.ft_lr, "weight_decay": t.weight_decay}]
+    if extra_params:
+        groups.append({"params": extra_params, "lr": ft.head_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
     # The heads start untrained: their first, huge residuals would flow into the SFT backbone
     # and undo it (on toy, valid HR@10 fell from 0.52 to 0.12 in the first epoch). So the
     # backbone waits `head_warmup` steps while log Z / log F catch up (GFlowGR methods only).
     warm = ft.head_warmup if objective else 0
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: float(s >= warm), lambda s: 1.0])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: float(s >= warm), lambda s: 1.0][: len(groups)])
     gen = torch.Generator().manual_seed(t.seed + 1)
     n_batches = math.ceil(len(train_t["target"]) / t.batch_size)
     total = ft.ft_epochs * n_batches
@@ -538,6 +555,8 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
     best = {"ndcg@10": -1.0}
     step, t_train, n_seen = 0, 0.0, 0
     for epoch in range(ft.ft_epochs):
+        if baseline is not None:
+            baseline.start_epoch(epoch, train_t)
         model.train()
         heads.train()
         t0 = time.time()
@@ -546,17 +565,22 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
             b = b.to(device)
             hl = train_t["hist_len"][b]
             hist, target = trim(train_t["hist"][b], hl), train_t["target"][b]
-            if objective is None:
-                log_pf, _ = model(hist, hl, target)
-                loss = gr_loss(log_pf)
-                parts, stats = {"loss/gr": loss.detach()}, {}
-            else:
-                loss, parts, stats = gflowgr_step(model, heads, cm, sampler, hist, hl, target, step / max(1, total - 1), cfg, objective)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], 1.0)
-            check_finite(step, loss, parts, grad_norm)
-            opt.step()
+            progress = step / max(1, total - 1)
+            for inner in range(baseline.inner_steps if baseline else 1):
+                if baseline is not None:
+                    loss, parts = baseline.loss(b, hist, hl, target, progress, inner)
+                    stats = {}
+                elif objective is None:
+                    log_pf, _ = model(hist, hl, target)
+                    loss = gr_loss(log_pf)
+                    parts, stats = {"loss/gr": loss.detach()}, {}
+                else:
+                    loss, parts, stats = gflowgr_step(model, heads, cm, sampler, hist, hl, target, progress, cfg, objective)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_([*model.parameters(), *extra_params], 1.0)
+                check_finite(step, loss, parts, grad_norm)
+                opt.step()
             sched.step()
             step += 1
             n_seen += len(b)

@@ -95,3 +95,18 @@ def test_checkpoint_round_trip():
     b, _ = clone(hist, hist_len, torch.arange(7))
     assert torch.equal(a, b)
     assert "trie_next_node" not in model.state_dict()  # derived tensors are not saved
+
+
+def test_policy_sampling_returns_real_items_with_their_exact_log_probability():
+    model, trie, hist, hist_len = tiny_world()
+    n_items = model.item_codes.shape[0]
+    items, logp = model.sample(hist, hist_len, 50, torch.Generator().manual_seed(0))
+    assert items.shape == (7, 50) and ((items >= 0) & (items < n_items)).all()
+    # the returned log-probability is the teacher-forced one of the drawn item
+    log_pf, _, _, _ = model.trajectories(hist, hist_len, items)
+    assert torch.allclose(logp, log_pf.sum(-1), atol=1e-4)
+    # empirical frequencies follow the model's distribution over all items
+    p = all_item_log_probs(model, hist, hist_len).exp()  # (B, I)
+    many, _ = model.sample(hist, hist_len, 4000, torch.Generator().manual_seed(1))
+    freq = torch.stack([torch.bincount(row, minlength=n_items).float() / 4000 for row in many])
+    assert 0.5 * (freq - p).abs().sum(1).max() < 0.05  # total variation

@@ -130,3 +130,46 @@ def test_reward_exponent_scales_log_reward():
     expected = torch.tensor([2 * math.log(0.01), 2 * math.log(2.0), 2 * math.log(5.0)])
     assert torch.allclose(log_reward(R, beta=2.0), expected)
     assert torch.allclose(log_reward(R), expected / 2)
+
+
+def test_dpo_two_item_hand_value():
+    # r_w = -1 - (-2) = 1, r_l = -3 - (-2.5) = -0.5, beta = 0.5 -> -log sigmoid(0.75)
+    from losses import dpo_loss
+    got = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), beta=0.5)
+    assert got.item() == pytest.approx(math.log(1 + math.exp(-0.75)), rel=1e-6)
+
+
+def test_sdpo_two_negatives_hand_value_and_reduces_to_dpo():
+    from losses import dpo_loss, sdpo_loss
+    # r_w = 0.5, r_l = [0.0, 1.0], beta = 1: -log sigmoid(-log(e^-0.5 + e^0.5))
+    got = sdpo_loss(torch.tensor([0.5]), torch.tensor([[0.0, 1.0]]), torch.zeros(1), torch.zeros(1, 2), beta=1.0)
+    inner = -math.log(math.exp(-0.5) + math.exp(0.5))
+    assert got.item() == pytest.approx(math.log(1 + math.exp(-inner)), rel=1e-6)
+    w, l, rw, rl = torch.randn(5), torch.randn(5), torch.randn(5), torch.randn(5)
+    assert torch.allclose(sdpo_loss(w, l[:, None], rw, rl[:, None], 0.7), dpo_loss(w, l, rw, rl, 0.7), atol=1e-6)
+
+
+def test_grpo_advantages_on_a_fixed_group_and_kl_estimate():
+    from losses import group_advantages, grpo_loss, kl_to_reference
+    adv = group_advantages(torch.tensor([[1.0, 2.0, 3.0, 6.0]]), eps=0.0)
+    # mean 3, sample std sqrt((4 + 1 + 0 + 9) / 3) = sqrt(14/3)
+    s = math.sqrt(14 / 3)
+    assert adv[0].tolist() == pytest.approx([-2 / s, -1 / s, 0.0, 3 / s], rel=1e-6)
+    assert kl_to_reference(torch.tensor([-1.0]), torch.tensor([-1.0])).item() == 0.0
+    assert kl_to_reference(torch.tensor([-1.0]), torch.tensor([-2.0])).item() == pytest.approx(math.exp(-1) + 1 - 1)
+    # on-policy (ratio 1) and no KL: the loss is -mean(A) = 0 for normalised advantages
+    logp = torch.tensor([[-1.0, -2.0, -3.0, -4.0]], requires_grad=True)
+    loss = grpo_loss(logp, logp.detach(), logp.detach(), adv, clip=0.2, kl_coef=0.1)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    loss.backward()  # policy gradient: d loss / d logp_i = -A_i / G
+    assert logp.grad[0].tolist() == pytest.approx((-adv[0] / 4).tolist(), rel=1e-5)
+
+
+def test_ppo_clipping_and_value_loss():
+    from losses import ppo_loss
+    logp_old = torch.zeros(2)
+    logp = torch.log(torch.tensor([1.5, 0.5]))  # ratios 1.5 and 0.5
+    adv = torch.tensor([1.0, -1.0])
+    # clip 0.2: min(1.5*1, 1.2*1) = 1.2; min(0.5*-1, 0.8*-1) = -0.8 -> loss -(1.2 - 0.8)/2 = -0.2
+    loss = ppo_loss(logp, logp_old, adv, value=torch.tensor([0.0, 1.0]), ret=torch.tensor([1.0, 1.0]), clip=0.2, vf_coef=0.5)
+    assert loss.item() == pytest.approx(-0.2 + 0.5 * 0.5, rel=1e-6)
