@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 import collab
+import results
 from baselines import BASELINES, Baseline, BaselineConfig
 import data as data_mod
 from collab import CollabConfig
@@ -45,12 +46,19 @@ from tokenizer import TokenizerConfig, Trie, build_semantic_ids, embed_texts
 
 METHODS = ("sft", "sft-continued", "gflowgr-tb", "gflowgr-db", *BASELINES)
 FINETUNE_METHODS = METHODS[1:]
+# --method all: Table 1's rows (SFT, the six baselines, GFlowGR-DB/TB) plus the SFT-continued reference
+TABLE_BASELINES = ("sft", "ppo", "grpo", "dpo", "sdpo", "sprec", "ipa")
+TABLE_GFLOWGR = ("gflowgr-db", "gflowgr-tb")
+TABLE_METHODS = (*TABLE_BASELINES, *TABLE_GFLOWGR, "sft-continued")
+BACKBONES = ("tiger", "letter")
 
 
 @dataclass
 class TrainConfig:
-    method: str = field(default="sft", metadata={"help": f"training method: {' | '.join(METHODS)}"})
+    method: str = field(default="sft", metadata={"help": f"training method: {' | '.join(METHODS)} | all (every Table 1 row)"})
+    backbone: str = field(default="tiger", metadata={"help": "tiger (RQ-VAE IDs) | letter (RQ-VAE + collaborative and diversity regularisers)"})
     seed: int = field(default=42, metadata={"help": "random seed (the paper reports 42, 43, 44)"})
+    seeds: list = field(default_factory=list, metadata={"help": "run each method for these seeds and write results/<dataset>_<backbone>.md", "nargs": "+"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     out: str = field(default="runs", metadata={"help": "folder for runs and cached stages"})
     epochs: int = field(default=30, metadata={"help": "maximum SFT epochs"})
@@ -77,6 +85,7 @@ class FinetuneConfig:
     weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
     log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z)"})
     reward_beta: float = field(default=3.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1; 3 was best on Beauty valid)"})
+    sft_prior: bool = field(default=False, metadata={"help": "reward times the frozen SFT likelihood: target P_SFT(v|U) R^beta / Z(U)"})
     rsim_dedup: bool = field(default=False, metadata={"help": "count the dedup (collision) token in r_sim too (default: semantic levels only)"})
     inspect_users: int = field(default=40, metadata={"help": "test users whose trajectories go into inspect.json"})
 
@@ -128,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         kw = {"dest": f"{group}.{f.name}", "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.metadata.get("nargs"):
+            p.add_argument(flag, nargs=f.metadata["nargs"], type=int, **kw)
         elif f.name == "data_dir":
             p.add_argument(flag, type=str, **kw)
         else:
@@ -159,8 +170,12 @@ def finalize(cfg: Config) -> Config:
     t, ft, sp = cfg.train, cfg.ft, cfg.sampler
     if cfg.data.dataset not in PRESETS:
         raise DataError(f"unknown dataset {cfg.data.dataset!r}: choose one of {', '.join(PRESETS)}")
-    if t.method not in METHODS:
-        raise DataError(f"unknown method {t.method!r}: choose one of {', '.join(METHODS)}")
+    if t.method not in (*METHODS, "all"):
+        raise DataError(f"unknown method {t.method!r}: choose one of {', '.join(METHODS)}, all")
+    if t.backbone not in BACKBONES:
+        raise DataError(f"unknown backbone {t.backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if t.method == "all" and not t.seeds:
+        t.seeds = [t.seed]
     if t.beam < t.topk:
         raise DataError(f"--beam ({t.beam}) must be at least --topk ({t.topk})")
     if t.topk < 10:
@@ -485,8 +500,13 @@ def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, c
     return rew, log_reward(rew["R"], beta=cfg.ft.reward_beta)
 
 
-def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: float, cfg: Config, objective: str):
-    """One GFlowGR batch: sample tau', score rewards, compute Eq. (8). Returns loss, parts, stats."""
+def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: float, cfg: Config, objective: str,
+                 prior: GRModel | None = None):
+    """One GFlowGR batch: sample tau', score rewards, compute Eq. (8). Returns loss, parts, stats.
+
+    prior (--sft-prior): the frozen SFT model; log R += log P_SFT(v | U), so the balanced
+    policy is the SFT distribution tilted by the reward, P_SFT(v|U) R(v)^beta / Z(U).
+    """
     ft = cfg.ft
     aug, r_c_aug = sampler.sample(hist, hist_len, target, progress, model)  # (B, K), (B, K)
     r_c_obs = cm.score(hist, hist_len, target[:, None])  # (B, 1): y_CM(v, U)
@@ -494,6 +514,9 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     r_c = torch.cat([r_c_obs, r_c_aug], 1)  # (B, M)
     log_pf, h, mem, mask = model.trajectories(hist, hist_len, items)  # (B, M, L), (B, M, L, d)
     rew, log_r = trajectory_rewards(model, items, r_c, cfg)  # log_r: (B, M)
+    if prior is not None:
+        with torch.no_grad():
+            log_r = log_r + prior.trajectories(hist, hist_len, items)[0].sum(-1)  # + log P_SFT(v | U)
     log_z = heads.log_z(mem, mask) if objective == "tb" else None  # (B,)
     log_flow = heads.log_flow(h) if objective == "db" else None  # (B, M, L)
     loss, parts = gflowgr_loss(log_pf, log_r, objective=objective, r_a=rew["r_a"], r_c=r_c, log_z=log_z,
@@ -519,6 +542,7 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
     heads = GFlowNetHeads(cfg.model.d_model, ft.log_z).to(device)
     needs_sampler = objective or method in ("dpo", "sdpo")
     sampler = TrajectorySampler(cm, model.item_codes.shape[0], cfg.sampler, seed=t.seed) if needs_sampler else None
+    prior = copy.deepcopy(model).eval() if objective and ft.sft_prior else None
     baseline = None
     if method in BASELINES:
         def propose(m, n):  # the model's own top-n items for every training sample (SPRec, IPA)
@@ -550,7 +574,7 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
         with torch.no_grad():
             b = torch.randperm(len(train_t["target"]), generator=torch.Generator().manual_seed(t.seed))[: t.batch_size].to(device)
             hl = train_t["hist_len"][b]
-            _, parts0, _ = gflowgr_step(model, heads, cm, sampler, trim(train_t["hist"][b], hl), hl, train_t["target"][b], 0.0, cfg, objective)
+            _, parts0, _ = gflowgr_step(model, heads, cm, sampler, trim(train_t["hist"][b], hl), hl, train_t["target"][b], 0.0, cfg, objective, prior)
             heads.init_offset(float(parts0["gfn/balance_offset"]))
     best = {"ndcg@10": -1.0}
     step, t_train, n_seen = 0, 0.0, 0
@@ -575,7 +599,7 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
                     loss = gr_loss(log_pf)
                     parts, stats = {"loss/gr": loss.detach()}, {}
                 else:
-                    loss, parts, stats = gflowgr_step(model, heads, cm, sampler, hist, hl, target, progress, cfg, objective)
+                    loss, parts, stats = gflowgr_step(model, heads, cm, sampler, hist, hl, target, progress, cfg, objective, prior)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_([*model.parameters(), *extra_params], 1.0)
@@ -696,7 +720,7 @@ def main(cfg: Config, log=print) -> dict:
         atomic_write_json(sft_ev, eval_path)
     pop = mostpop_metrics(ds, splits, t.topk)
 
-    run_dir = Path(t.out) / f"{ds.name}__{t.method}__seed{t.seed}"
+    run_dir = Path(t.out) / results.run_name(ds.name, t.backbone, t.method, t.seed)
     result = {"sft": sft_info, "sft_eval": sft_ev, "mostpop": pop, "tokenizer": tok_report, "stage": str(stage)}
     rows = {"SFT": sft_ev, "MostPop": pop}
     if t.method == "sft":
@@ -746,10 +770,47 @@ def main(cfg: Config, log=print) -> dict:
     return result
 
 
+def run_table(cfg: Config, log=print) -> dict:
+    """--method all and/or --seeds: run every (method, seed), skipping finished runs, then write
+    results/<dataset>_<backbone>.md and .json (mean +- std, best baseline, one-sided t-tests).
+
+    A run counts as finished when its metrics.json exists and its config.json equals this
+    run's configuration; an interrupted table restarts at the first unfinished run.
+    """
+    t = cfg.train
+    methods = TABLE_METHODS if t.method == "all" else (t.method,)
+    for seed in t.seeds:
+        for method in methods:
+            c = copy.deepcopy(cfg)
+            c.train.method, c.train.seed, c.train.seeds = method, seed, []
+            c = finalize(c)
+            d = Path(t.out) / results.run_name(c.data.dataset, t.backbone, method, seed)
+            if (d / "metrics.json").exists() and (d / "config.json").exists() \
+                    and json.loads((d / "config.json").read_text()) == json.loads(json.dumps(asdict(c))):
+                log(f"[done] {d} (finished earlier, skipped)")
+                continue
+            log(f"\n=== {method}, seed {seed} ===")
+            main(c, log)
+    names = [*methods, "cm", "mostpop"] if t.method == "all" else list(methods)
+    got = results.collect(t.out, cfg.data.dataset, t.backbone, names, t.seeds)
+    values = got["values"]
+    summary = results.summarise(values, baselines=[m for m in TABLE_BASELINES if m in values],
+                                gflowgr=[m for m in TABLE_GFLOWGR if m in values],
+                                reference=[m for m in values if m not in (*TABLE_BASELINES, *TABLE_GFLOWGR)])
+    summary["missing"] = got["missing"]
+    out = Path("results") if t.out == "runs" else Path(t.out) / "results"
+    md, js = results.write(summary, out, cfg.data.dataset, t.backbone)
+    log("\n" + md.read_text() + f"\nwritten: {md}, {js}")
+    return summary
+
+
 def cli(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
-        main(cfg)
+        if cfg.train.method == "all" or cfg.train.seeds:
+            run_table(cfg)
+        else:
+            main(cfg)
     except (DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -193,3 +193,22 @@ def test_rsim_ignores_the_dedup_token_unless_asked():
     rew, log_r = trajectory_rewards(model, items, r_c, cfg)
     assert rew["r_sim"].tolist() == [[4.0, 1.0, 2.0]]
     assert log_r[0].tolist() == pytest.approx([2 * math.log(5.5), 2 * math.log(1.2), 2 * math.log(2.1)])
+
+
+def test_seeds_table_runs_each_seed_once_and_writes_the_results(toy_run, tmp_path):
+    from train import run_table
+    cfg = copy.deepcopy(toy_run[0])
+    cfg.train.out = str(tmp_path)
+    cfg.train.epochs = 2
+    cfg.train.seeds = [42, 43]
+    lines = []
+    summary = run_table(cfg, log=lines.append)
+    sft = summary["rows"]["sft"]["hr@10"]
+    assert sft["n"] == 2 and len(sft["values"]) == 2
+    assert sft["mean"] == pytest.approx(np.mean(sft["values"])) and sft["std"] == pytest.approx(np.std(sft["values"], ddof=1))
+    md = (tmp_path / "results" / "toy_tiger.md").read_text()
+    assert "| **" in md and "SFT" in md and json.loads((tmp_path / "results" / "toy_tiger.json").read_text())
+    # a second call finds both runs finished and trains nothing
+    lines2 = []
+    run_table(cfg, log=lines2.append)
+    assert sum("[done]" in line for line in lines2) == 2 and not any("[stage]" in line for line in lines2)
