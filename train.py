@@ -174,6 +174,10 @@ def finalize(cfg: Config) -> Config:
         raise DataError(f"unknown method {t.method!r}: choose one of {', '.join(METHODS)}, all")
     if t.backbone not in BACKBONES:
         raise DataError(f"unknown backbone {t.backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if t.backbone == "letter":
+        cfg.tok.id_method = "letter"  # the LETTER tokenizer: RQ-VAE + collaborative and diversity regularisers
+    elif cfg.tok.id_method == "letter":
+        raise DataError("--id-method letter is the LETTER backbone: use --backbone letter")
     if t.method == "all" and not t.seeds:
         t.seeds = [t.seed]
     if t.beam < t.topk:
@@ -263,8 +267,11 @@ def peak_memory_mb() -> float:
 # ----------------------------------------------------------------------------------------
 
 
-def semantic_ids(ds, cfg: Config, log=print) -> tuple[Trie, dict, str]:
-    """Item text -> embeddings -> unique semantic IDs -> trie, each stage cached on disk."""
+def semantic_ids(ds, cfg: Config, log=print, cf_emb: torch.Tensor | None = None) -> tuple[Trie, dict, str]:
+    """Item text -> embeddings -> unique semantic IDs -> trie, each stage cached on disk.
+
+    cf_emb (n_items, d): the CM's item embeddings, used by the LETTER tokenizer (--backbone letter).
+    """
     root = Path(cfg.train.out) / ds.name
     tok = cfg.tok
     emb_key = stage_key(ds.name, fingerprint(ds.texts()), tok.embedder, tok.emb_dim if tok.embedder == "tfidf" else None)
@@ -277,7 +284,10 @@ def semantic_ids(ds, cfg: Config, log=print) -> tuple[Trie, dict, str]:
         emb = embed_texts(ds.texts(), tok)
         atomic_save(emb, emb_path)
         log(f"[stage] item embeddings ({tok.embedder}) {tuple(emb.shape)} in {time.time() - t0:.1f}s -> {emb_path}")
-    ids_key = stage_key(emb_key, asdict(tok), cfg.train.seed)
+    # LETTER's fields only key LETTER IDs (so adding them kept every RQ-VAE cache valid)
+    tok_key = {k: v for k, v in asdict(tok).items() if tok.id_method == "letter" or not k.startswith("letter_")}
+    cf_key = [hashlib.sha256(cf_emb.numpy().tobytes()).hexdigest()[:16]] if tok.id_method == "letter" else []
+    ids_key = stage_key(emb_key, tok_key, cfg.train.seed, *cf_key)
     ids_path = root / f"ids-{ids_key}" / "codes.pt"
     if ids_path.exists():
         log(f"[cache] semantic IDs: {ids_path}")
@@ -285,7 +295,7 @@ def semantic_ids(ds, cfg: Config, log=print) -> tuple[Trie, dict, str]:
         codes, report = saved["codes"], saved["report"]
     else:
         t0 = time.time()
-        codes, report = build_semantic_ids(emb, tok, seed=cfg.train.seed, log=log)
+        codes, report = build_semantic_ids(emb, tok, seed=cfg.train.seed, log=log, cf_emb=cf_emb)
         report["seconds"] = time.time() - t0
         atomic_save({"codes": codes, "report": report}, ids_path)
         log(f"[stage] semantic IDs ({tok.id_method}) in {report['seconds']:.1f}s -> {ids_path}")
@@ -451,7 +461,7 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
     """Train (or load the cached) SFT backbone. Returns the model, its info and the stage folder."""
     t = cfg.train
     key = stage_key(ids_key, fingerprint(ds.sequences), asdict(cfg.model),
-                    {k: v for k, v in asdict(t).items() if k not in ("method", "device", "out", "eval_batch", "threads")})
+                    {k: v for k, v in asdict(t).items() if k not in ("method", "backbone", "seeds", "device", "out", "eval_batch", "threads")})
     stage = Path(t.out) / ds.name / f"sft-{key}"
     ckpt_path = stage / "checkpoint.pt"
     if ckpt_path.exists():
@@ -700,8 +710,12 @@ def main(cfg: Config, log=print) -> dict:
     timing["data_s"] = time.time() - t0
     log(f"split: {len(splits['train']):,} train / {len(splits['valid']):,} valid / {len(splits['test']):,} test samples")
 
+    cf_emb = None
+    if t.backbone == "letter":  # LETTER aligns the IDs with the CM's item embeddings: CM first
+        cm, _ = collab.load_or_train(ds, splits, cfg.cm, Path(t.out) / ds.name, device, log)
+        cf_emb = cm.item_emb.weight[: len(ds.titles)].detach().cpu()
     t0 = time.time()
-    trie, tok_report, ids_key = semantic_ids(ds, cfg, log)
+    trie, tok_report, ids_key = semantic_ids(ds, cfg, log, cf_emb)
     timing["semantic_ids_s"] = time.time() - t0
 
     t0 = time.time()

@@ -1,11 +1,13 @@
 """Semantic IDs: embeddings, k-means, RQ-VAE collapse guard, dedup uniqueness, the prefix trie."""
 import itertools
+import math
 
 import pytest
 import torch
 
 from data import DataError
-from tokenizer import RQVAE, TokenizerConfig, Trie, add_dedup_level, build_semantic_ids, id_report, kmeans, tfidf_svd, train_rqvae
+from tokenizer import (RQVAE, LetterRegulariser, TokenizerConfig, Trie, add_dedup_level, build_semantic_ids, id_report, kmeans,
+                       tfidf_svd, train_letter, train_rqvae)
 
 
 def blobs(n_per=40, k=8, dim=16, seed=0):
@@ -64,6 +66,70 @@ def test_build_semantic_ids_unique_with_rqvae_and_rkmeans():
         assert ids.shape == (300, 3)
         assert torch.unique(ids, dim=0).shape[0] == 300
         assert len(report["usage_per_level"]) == 2
+
+
+def text_and_cf(n=300, k_text=6, k_cf=5, dim=32, d_cf=16, seed=0):
+    """Unit text embeddings x (n, dim) and CF embeddings h (n, d_cf).
+
+    x is dominated by k_text clusters; h has k_cf clusters drawn independently of them, of which
+    x keeps only a faint trace (as a brand word in a title would): a tokenizer that just
+    reconstructs x gives codes that say little about h.
+    """
+    g = torch.Generator().manual_seed(seed)
+    text, cf = torch.randint(k_text, (n,), generator=g), torch.randint(k_cf, (n,), generator=g)
+    x = torch.randn(k_text, dim, generator=g)[text] * 3 + torch.randn(n, dim, generator=g)
+    h = torch.randn(k_cf, d_cf, generator=g)[cf] * 3 + torch.randn(n, d_cf, generator=g)
+    x = x + torch.randn(k_cf, dim, generator=g)[cf]  # the trace: as large as the noise, a third of the text signal
+    return torch.nn.functional.normalize(x, dim=1), h
+
+
+LETTER_TOY = dict(levels=3, codebook_size=16, rq_latent=8, rq_hidden=64, rq_batch=64)
+
+
+def test_letter_ids_unique_after_dedup():
+    _, h = text_and_cf()
+    x = torch.nn.functional.normalize(torch.randn(300, 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    cfg = TokenizerConfig(id_method="letter", rq_epochs=20, **LETTER_TOY)
+    ids, report = build_semantic_ids(x, cfg, log=None, cf_emb=h)
+    assert ids.shape == (300, 4)
+    assert torch.unique(ids, dim=0).shape[0] == 300
+    _, rq_report = train_rqvae(x, TokenizerConfig(rq_epochs=1, **LETTER_TOY))
+    assert set(rq_report) < set(report)  # the RQ-VAE's report (usage, collisions), and more
+    assert len(report["usage_per_level"]) == 3 and -1 <= report["letter_cf_cos"] <= 1
+    with pytest.raises(DataError, match="collaborative"):
+        build_semantic_ids(x, cfg, log=None)
+    with pytest.raises(DataError, match="one CF embedding per item"):
+        train_letter(x, h[:10], cfg)
+
+
+def test_letter_without_regularisers_is_rqvae():
+    x, h = text_and_cf()
+    base = dict(rq_epochs=5, **LETTER_TOY)
+    codes_rq, _ = train_rqvae(x, TokenizerConfig(**base), seed=3)
+    codes_letter, _ = train_letter(x, h, TokenizerConfig(**base, letter_cf_weight=0.0, letter_div_weight=0.0), seed=3)
+    assert torch.equal(codes_rq, codes_letter)
+
+
+def test_letter_cf_regulariser_aligns_quantised_and_cf_embeddings():
+    x, h = text_and_cf()
+    base = dict(rq_epochs=100, **LETTER_TOY)
+    _, off = train_letter(x, h, TokenizerConfig(**base, letter_cf_weight=0.0), seed=0)
+    _, on = train_letter(x, h, TokenizerConfig(**base), seed=0)  # the default letter_cf_weight
+    # the probe is refitted on the final z_q of both runs: it compares the codes, not the head W
+    assert on["letter_cf_probe_cos"] > off["letter_cf_probe_cos"] + 0.3, (off, on)
+    assert on["letter_cf_cos"] > 0.3 and on["letter_final_cf"] < off["letter_final_cf"] - 1.5, (off, on)
+
+
+def test_letter_diversity_loss_is_zero_for_even_usage():
+    V, D = 4, 3
+    cfg = TokenizerConfig(letter_temp=0.1)
+    reg = LetterRegulariser(D, torch.zeros(8, 2), cfg)
+    codebooks = (torch.eye(V, D) * 10)[None]  # (1, V, D): one level, codes far apart
+    even = codebooks[:, [0, 1, 2, 3, 0, 1, 2, 3]]  # (1, 8, D): each code holds two items
+    lopsided = codebooks[:, [0] * 8]  # every item on code 0
+    assert reg.div_loss(even, codebooks).item() == pytest.approx(0.0, abs=1e-4)
+    # one code used: KL(q || U) = log V, up to the soft assignment's leak to the other codes
+    assert reg.div_loss(lopsided, codebooks).item() == pytest.approx(math.log(V), rel=0.02)
 
 
 def test_trie_accepts_exactly_the_real_ids():

@@ -12,7 +12,7 @@ import data as data_mod
 from conftest import tiny_config
 from gflowgr import GRModel
 from metrics import ranking_metrics
-from train import Config, cli, evaluate, main, parse_config, recommend, to_tensors
+from train import Config, cli, evaluate, finalize, main, parse_config, recommend, to_tensors
 
 KEYS = {"hr@5", "hr@10", "ndcg@5", "ndcg@10"}
 
@@ -212,3 +212,16 @@ def test_seeds_table_runs_each_seed_once_and_writes_the_results(toy_run, tmp_pat
     lines2 = []
     run_table(cfg, log=lines2.append)
     assert sum("[done]" in line for line in lines2) == 2 and not any("[stage]" in line for line in lines2)
+
+
+def test_letter_backbone_trains_the_cm_first_and_keeps_its_own_runs(tmp_path):
+    cfg = tiny_config(tmp_path, backbone="letter")
+    cfg.train.epochs, cfg.tok.rq_epochs, cfg.cm.epochs = 2, 20, 2
+    cfg = finalize(cfg)
+    lines = []
+    metrics = main(cfg, log=lines.append)
+    text = "\n".join(lines)
+    assert text.index("collaborative model") < text.index("semantic IDs (letter)")
+    assert metrics["tokenizer"]["collision_rate"] >= 0 and "letter_cf_cos" in metrics["tokenizer"]
+    assert (tmp_path / "toy__letter__sft__seed42" / "metrics.json").exists()
+    assert not (tmp_path / "toy__sft__seed42").exists()
