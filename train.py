@@ -107,7 +107,7 @@ PRESETS = {
     "toy": {"tok.codebook_size": 16, "tok.rq_epochs": 150, "tok.rq_batch": 256, "model.d_model": 64, "model.d_ff": 256,
             "train.epochs": 40, "train.batch_size": 128, "train.lr": 3e-3, "train.warmup_steps": 50, "train.patience": 5,
             "cm.max_len": 20, "cm.batch_size": 32, "cm.lr": 5e-3, "cm.epochs": 20, "cm.patience": 5,
-            "ft.ft_epochs": 4, "ft.ft_lr": 1e-3, "ft.head_warmup": 40, "sampler.n_candidates": 30},
+            "ft.ft_epochs": 4, "ft.ft_lr": 1e-3, "ft.head_warmup": 10, "sampler.n_candidates": 30},
     "beauty": {"train.epochs": 20, "train.eval_users": 5000, "cm.lr": 2e-3},
     "yelp": {"train.epochs": 20, "train.eval_users": 5000, "cm.lr": 2e-3},
 }
@@ -577,6 +577,9 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
     gen = torch.Generator().manual_seed(t.seed + 1)
     n_batches = math.ceil(len(train_t["target"]) / t.batch_size)
     total = ft.ft_epochs * n_batches
+    if warm >= total:
+        raise DataError(f"--head-warmup ({warm} steps) is not shorter than the whole fine-tuning ({total} steps: "
+                        f"{ft.ft_epochs} epochs of {n_batches}): lower it or raise --ft-epochs")
     eval_idx = None
     if 0 < t.eval_users < len(valid_t["target"]):
         eval_idx = torch.randperm(len(valid_t["target"]), generator=torch.Generator().manual_seed(t.seed))[: t.eval_users]
@@ -626,7 +629,8 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
         val = evaluate(model, valid_t, t, eval_idx, desc="valid")
         logger.log(step=step, epoch=epoch + 1, **{f"eval/valid_{k}": v for k, v in val.items()},
                    **{"charts/samples_per_s": n_seen / t_train, "charts/epoch_seconds": time.time() - t0})
-        improved = val["ndcg@10"] > best["ndcg@10"]
+        # only epochs in which the backbone trained compete: a warm-up-only epoch is the SFT model
+        improved = val["ndcg@10"] > best["ndcg@10"] and step > warm
         log(f"{method} epoch {epoch + 1}  valid HR@10 {val['hr@10']:.4f} NDCG@10 {val['ndcg@10']:.4f}"
             f"  ({n_seen / t_train:.0f} samples/s){'  *' if improved else ''}")
         if improved:

@@ -225,3 +225,14 @@ def test_letter_backbone_trains_the_cm_first_and_keeps_its_own_runs(tmp_path):
     assert metrics["tokenizer"]["collision_rate"] >= 0 and "letter_cf_cos" in metrics["tokenizer"]
     assert (tmp_path / "toy__letter__sft__seed42" / "metrics.json").exists()
     assert not (tmp_path / "toy__sft__seed42").exists()
+
+
+def test_warm_up_only_epochs_never_count_as_the_best_fine_tuned_model(toy_run):
+    # 4 epochs, warm-up longer than 3 of them: only the last epoch trained the backbone
+    cfg = finetune_config(toy_run, "gflowgr-tb", ft_epochs=4, head_warmup=10_000)
+    with pytest.raises(data_mod.DataError, match="--head-warmup"):
+        main(cfg, log=lambda *a: None)
+    n_batches = math.ceil(len(data_mod.split_leave_one_out(data_mod.load_dataset(cfg.data, verbose=False))["train"]) / cfg.train.batch_size)
+    cfg = finetune_config(toy_run, "gflowgr-tb", ft_epochs=2, head_warmup=n_batches + 1)
+    metrics = main(cfg, log=lambda *a: None)
+    assert metrics["finetune"]["best_epoch"] == 2
