@@ -58,10 +58,11 @@ class Baseline:
     """One Table 1 baseline. `start_epoch` builds what a round needs; `loss` gives one step's loss."""
 
     def __init__(self, method: str, model, ref_model, cm, sampler, cfg: BaselineConfig, reward_terms: tuple,
-                 sem_levels: int, n_train: int, propose=None, seed: int = 0):
+                 sem_levels: int | None, n_train: int, propose=None, seed: int = 0):
         if method not in BASELINES:
             raise ValueError(f"unknown baseline {method!r}")
         self.method, self.model, self.ref, self.cm, self.sampler, self.cfg = method, model, ref_model, cm, sampler, cfg
+        # sem_levels: ID tokens r_sim compares (train.trajectory_rewards' rule; None = all, --rsim-dedup)
         self.reward_terms, self.sem_levels, self.n_train = reward_terms, sem_levels, n_train
         self.propose = propose  # propose(model, n) -> top-n items (n_train, n) of the model for every training sample
         self.gen = torch.Generator().manual_seed(seed)

@@ -47,8 +47,7 @@ from tokenizer import TokenizerConfig, Trie, build_semantic_ids, embed_texts
 METHODS = ("sft", "sft-continued", "gflowgr-tb", "gflowgr-db", *BASELINES)
 FINETUNE_METHODS = METHODS[1:]
 # --method all: Table 1's rows (SFT, the six baselines, GFlowGR-DB/TB) plus the SFT-continued reference
-TABLE_BASELINES = ("sft", "ppo", "grpo", "dpo", "sdpo", "sprec", "ipa")
-TABLE_GFLOWGR = ("gflowgr-db", "gflowgr-tb")
+TABLE_BASELINES, TABLE_GFLOWGR = results.BASELINES, results.GFLOWGR  # in the paper's row order
 TABLE_METHODS = (*TABLE_BASELINES, *TABLE_GFLOWGR, "sft-continued")
 BACKBONES = ("tiger", "letter")
 
@@ -560,7 +559,7 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
             m.train()
             return items
         baseline = Baseline(method, model, copy.deepcopy(model).eval(), cm, sampler, cfg.bl, tuple(ft.reward.split(",")),
-                            cfg.tok.levels, len(train_t["target"]), propose, seed=t.seed)
+                            None if ft.rsim_dedup else cfg.tok.levels, len(train_t["target"]), propose, seed=t.seed)
         for p in baseline.parameters():
             p.data = p.data.to(device)
     extra_params = list(heads.parameters()) if baseline is None else baseline.parameters()
