@@ -131,7 +131,7 @@ def gflowgr_loss(log_pf: torch.Tensor, log_r: torch.Tensor, *, objective: str, r
 def dpo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, beta: float) -> torch.Tensor:
     r"""DPO (Rafailov et al. 2023) for chosen w and rejected l, all (B,) -> (B,).
 
-    \mathcal{L}_{DPO} = -\log\sigmaig(eta[(\log\pi(w) - \log\pi_{ref}(w)) - (\log\pi(l) - \log\pi_{ref}(l))]ig)
+    \mathcal{L}_{DPO} = -\log\sigma\big(\beta[(\log\pi(w) - \log\pi_{ref}(w)) - (\log\pi(l) - \log\pi_{ref}(l))]\big)
     """
     return -F.logsigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l)))
 
@@ -139,7 +139,7 @@ def dpo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, re
 def sdpo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, beta: float) -> torch.Tensor:
     r"""S-DPO (Chen et al. 2024, softmax DPO): J rejected items in one softmax. logp_w (B,), logp_l (B, J) -> (B,).
 
-    \mathcal{L}_{S-DPO} = -\log\sigma\Big(-\log\sum_j \expig(eta (r_j - r_w)ig)\Big), \quad r = \log\pi - \log\pi_{ref}
+    \mathcal{L}_{S-DPO} = -\log\sigma\Big(-\log\sum_j \exp\big(\beta (r_j - r_w)\big)\Big), \quad r = \log\pi - \log\pi_{ref}
     With J = 1 it is DPO.
     """
     r_w, r_l = logp_w - ref_w, logp_l - ref_l  # (B,), (B, J)

@@ -662,9 +662,9 @@ def build_inspect(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads, cm, 
     if sampler is not None:
         aug, r_c_aug = sampler.sample(hist, hl, target, progress=1.0, model=model)
     else:
-        aug, r_c_aug = torch.empty(len(idx), 0, dtype=torch.long), torch.empty(len(idx), 0)
+        aug, r_c_aug = target.new_empty(len(idx), 0), torch.empty(len(idx), 0, device=target.device)
     items = torch.cat([target[:, None], aug], 1)
-    r_c = torch.cat([cm.score(hist, hl, target[:, None]), r_c_aug], 1) if cm is not None else torch.zeros(items.shape)
+    r_c = torch.cat([cm.score(hist, hl, target[:, None]), r_c_aug], 1) if cm is not None else torch.zeros(items.shape, device=items.device)
     log_pf, h, mem, mask = model.trajectories(hist, hl, items)
     rew, log_r = trajectory_rewards(model, items, r_c, cfg)
     w = trajectory_weight(rew["r_a"], r_c)
