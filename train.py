@@ -45,6 +45,7 @@ from sampler import CANDIDATES, SAMPLERS, SamplerConfig, TrajectorySampler
 from tokenizer import TokenizerConfig, Trie, build_semantic_ids, embed_texts
 
 METHODS = ("sft", "sft-continued", "gflowgr-tb", "gflowgr-db", *BASELINES)
+OBJECTIVE = {"gflowgr-tb": "tb", "gflowgr-db": "db"}  # the GFlowNet objective of each GFlowGR method
 FINETUNE_METHODS = METHODS[1:]
 # --method all: Table 1's rows (SFT, the six baselines, GFlowGR-DB/TB) plus the SFT-continued reference
 TABLE_BASELINES, TABLE_GFLOWGR = results.BASELINES, results.GFLOWGR  # in the paper's row order
@@ -163,6 +164,19 @@ def parse_config(argv: list[str] | None = None) -> Config:
     for dotted, value in {**PRESETS[dataset], **given}.items():
         set_field(cfg, dotted, value)
     return finalize(cfg)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from its asdict() form (a run's config.json). Keys this version does
+    not know are ignored and missing ones keep their defaults, so older runs still load."""
+    cfg = Config()
+    for group in dataclasses.fields(cfg):
+        sub = getattr(cfg, group.name)
+        known = {f.name for f in dataclasses.fields(sub)}
+        for name, value in (d.get(group.name) or {}).items():
+            if name in known:
+                setattr(sub, name, value)
+    return cfg
 
 
 def finalize(cfg: Config) -> Config:
@@ -550,7 +564,7 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
     """
     t, ft = cfg.train, cfg.ft
     device = train_t["target"].device
-    objective = {"gflowgr-tb": "tb", "gflowgr-db": "db"}.get(method)
+    objective = OBJECTIVE.get(method)
     heads = GFlowNetHeads(cfg.model.d_model, ft.log_z).to(device)
     needs_sampler = objective or method in ("dpo", "sdpo")
     sampler = TrajectorySampler(cm, model.item_codes.shape[0], cfg.sampler, seed=t.seed) if needs_sampler else None
@@ -650,41 +664,61 @@ def _round(x, nd=4):
 
 
 @torch.no_grad()
-def build_inspect(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads, cm, sampler, test_t: dict, cfg: Config,
-                  method: str, ds) -> dict:
-    """What the app shows for a sample of test users: top-10 lists of SFT and the fine-tuned
-    model, and P_F per step, log F per prefix, log Z, rewards and Eq. (8) weights along the
-    observed and the augmented trajectories (augmented items drawn at the end of the curriculum)."""
-    sft_model.eval(), model.eval(), heads.eval()
-    n = len(test_t["target"])
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed))[: cfg.ft.inspect_users]
-    hl, target = test_t["hist_len"][idx], test_t["target"][idx]
-    hist = trim(test_t["hist"][idx], hl)
-    sft_items, sft_scores = sft_model.beam_search(hist, hl, cfg.train.beam, cfg.train.topk)
-    ft_items, ft_scores = model.beam_search(hist, hl, cfg.train.beam, cfg.train.topk)
-    if sampler is not None:
-        aug, r_c_aug = sampler.sample(hist, hl, target, progress=1.0, model=model)
+def inspect_users(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads | None, cm, sampler, hist: torch.Tensor,
+                  hist_len: torch.Tensor, target: torch.Tensor, cfg: Config, progress: float = 1.0) -> list[dict]:
+    """What a reader needs to look inside the fine-tuned policy for B users (the app and inspect.json).
+
+    hist (B, S), hist_len (B,), target (B,) on the models' device. Per user: the top-k lists of
+    SFT and of the fine-tuned model (beam search, as evaluated) with their probabilities, and
+    along the observed trajectory and K augmented ones (drawn by the sampler at curriculum
+    position `progress`): P_F per step, log F(s_l) per prefix, log Z(U), r_a, r_c, r_sim, R,
+    log R^beta and the Eq. (8) weight. heads=None (an SFT run) leaves log F and log Z out;
+    cm=None (no CM trained for the run) gives r_c = 0 and no augmented trajectories.
+    """
+    sft_model.eval(), model.eval()
+    hist = trim(hist, hist_len)
+    sft_items, sft_scores = sft_model.beam_search(hist, hist_len, cfg.train.beam, cfg.train.topk)
+    ft_items, ft_scores = model.beam_search(hist, hist_len, cfg.train.beam, cfg.train.topk)
+    if sampler is not None and cm is not None:
+        aug, r_c_aug = sampler.sample(hist, hist_len, target, progress=progress, model=model)  # (B, K)
     else:
-        aug, r_c_aug = target.new_empty(len(idx), 0), torch.empty(len(idx), 0, device=target.device)
-    items = torch.cat([target[:, None], aug], 1)
-    r_c = torch.cat([cm.score(hist, hl, target[:, None]), r_c_aug], 1) if cm is not None else torch.zeros(items.shape, device=items.device)
-    log_pf, h, mem, mask = model.trajectories(hist, hl, items)
+        aug, r_c_aug = target.new_empty(len(target), 0), torch.empty(len(target), 0, device=target.device)
+    items = torch.cat([target[:, None], aug], 1)  # (B, M): column 0 is the observed item
+    r_c = torch.cat([cm.score(hist, hist_len, target[:, None]), r_c_aug], 1) if cm is not None \
+        else torch.zeros(items.shape, device=items.device)
+    log_pf, h, mem, mask = model.trajectories(hist, hist_len, items)  # (B, M, L)
     rew, log_r = trajectory_rewards(model, items, r_c, cfg)
     w = trajectory_weight(rew["r_a"], r_c)
-    log_flow, log_z = heads.log_flow(h), heads.log_z(mem, mask)
+    if heads is not None:
+        heads.eval()
+        log_flow, log_z = heads.log_flow(h), heads.log_z(mem, mask)  # (B, M, L), (B,)
     users = []
-    for j, i in enumerate(idx.tolist()):
+    for j in range(len(target)):
         trajs = [{"item": int(items[j, m]), "codes": model.item_codes[items[j, m]].tolist(), "observed": m == 0,
-                  "p_f": _round(log_pf[j, m].exp()), "log_flow": _round(log_flow[j, m]), "log_pf_sum": round(float(log_pf[j, m].sum()), 4),
+                  "p_f": _round(log_pf[j, m].exp()), "log_pf_sum": round(float(log_pf[j, m].sum()), 4),
+                  "log_flow": _round(log_flow[j, m]) if heads is not None else None,
                   "r_a": float(rew["r_a"][j, m]), "r_c": round(float(r_c[j, m]), 4), "r_sim": float(rew["r_sim"][j, m]),
                   "R": round(float(rew["R"][j, m]), 4), "log_r": round(float(log_r[j, m]), 4), "weight": round(float(w[j, m]), 4)}
                  for m in range(items.shape[1])]
-        users.append({"sample": i, "user": int(test_t["user"][i]), "history": test_t["hist"][i, : int(test_t["hist_len"][i])].tolist(),
-                      "target": int(target[j]), "log_z": round(float(log_z[j]), 4),
+        users.append({"target": int(target[j]), "log_z": round(float(log_z[j]), 4) if heads is not None else None,
                       "sft": {"items": sft_items[j].tolist(), "probs": _round(sft_scores[j].exp(), 6)},
                       "finetuned": {"items": ft_items[j].tolist(), "probs": _round(ft_scores[j].exp(), 6)},
                       "trajectories": trajs})
-    return {"method": method, "objective": {"gflowgr-tb": "tb", "gflowgr-db": "db"}.get(method), "users": users}
+    return users
+
+
+def build_inspect(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads, cm, sampler, test_t: dict, cfg: Config,
+                  method: str, ds) -> dict:
+    """inspect.json: `inspect_users` for a fixed sample of test users, augmented items drawn at the
+    end of the curriculum (the app computes the same live for any user)."""
+    n = len(test_t["target"])
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed))[: cfg.ft.inspect_users]
+    hl = test_t["hist_len"][idx]
+    users = inspect_users(sft_model, model, heads, cm, sampler, test_t["hist"][idx], hl, test_t["target"][idx], cfg)
+    for j, (u, i) in enumerate(zip(users, idx.tolist())):
+        users[j] = {"sample": i, "user": int(test_t["user"][i]),
+                    "history": test_t["hist"][i, : int(test_t["hist_len"][i])].tolist(), **u}
+    return {"method": method, "objective": OBJECTIVE.get(method), "users": users}
 
 
 # ----------------------------------------------------------------------------------------

@@ -21,3 +21,15 @@ def toy_run(tmp_path_factory):
     lines = []
     metrics = main(cfg, log=lines.append)
     return cfg, metrics, lines
+
+
+@pytest.fixture(scope="session")
+def app_runs(tmp_path_factory):
+    """A runs folder for the app: one tiny toy GFlowGR-TB run (its SFT stage and CM cached beside it)."""
+    from train import main
+
+    out = tmp_path_factory.mktemp("app_runs")
+    cfg = tiny_config(out, method="gflowgr-tb")
+    cfg.ft.ft_epochs, cfg.cm.epochs = 1, 5  # the app needs artefacts, not accuracy
+    main(cfg, log=lambda *a: None)
+    return out
