@@ -162,17 +162,25 @@ def load_bundle(run_dir: Path) -> Bundle:
 
 @torch.no_grad()
 def item_log_probs(model, hist: torch.Tensor, hist_len: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """log P_F(t_l | U, s_{l-1}) for every item's ID, one user: (I, L). Their sum over l is log P(v | U)."""
-    n_items = model.item_codes.shape[0]
-    mem, mask = model.encode(hist, hist_len)
-    out = []
-    for items in torch.arange(n_items).split(chunk):
-        M = len(items)
-        h = model.decode(mem.expand(M, -1, -1), mask.expand(M, -1, -1, -1), items)  # (M, L, d)
-        nodes = model.trie_item_nodes[items, : model.L]  # (M, L): prefixes s_0..s_{L-1}
-        log_pf_all = model.masked_log_pf(model.logits(h), nodes)  # (M, L, V): the trie-masked policy
-        out.append(log_pf_all.gather(2, model.item_codes[items][..., None]).squeeze(2))
-    return torch.cat(out)
+    """log P_F(t_l | U, s_{l-1}) for every item's ID, one user: (I, L). Their sum over l is log P(v | U).
+
+    Where the trie leaves a prefix one child, the masked policy gives that child P_F = 1 whatever
+    the network says, so each item is decoded only down to its last prefix with a real choice
+    (on Beauty most items are alone after their 3 semantic tokens: a third less work).
+    """
+    n_items, L = model.item_codes.shape
+    choices = (model.trie_mask == 0).sum(1)  # (nodes,): valid children of each prefix
+    branching = choices[model.trie_item_nodes[:, :L]] > 1  # (I, L): s_{l-1} has a real choice
+    depth = torch.where(branching, torch.arange(1, L + 1), 0).amax(1)  # (I,): prefixes worth decoding
+    mem, mask = model.encode(hist, hist_len)  # (1, S, d): decode shares it across the items
+    log_pf = torch.zeros(n_items, L)  # P_F = 1 below the last choice
+    for P in range(1, L + 1):
+        for items in (depth == P).nonzero()[:, 0].split(chunk):
+            h = model.decode(mem, mask, items, depth=P)  # (M, P, d)
+            nodes = model.trie_item_nodes[items, :P]  # (M, P): prefixes s_0..s_{P-1}
+            log_pf_all = model.masked_log_pf(model.logits(h), nodes)  # (M, P, V): the trie-masked policy
+            log_pf[items, :P] = log_pf_all.gather(2, model.item_codes[items, :P, None]).squeeze(2)
+    return log_pf
 
 
 @torch.no_grad()

@@ -6,7 +6,10 @@ Measures (on the real training samples of a data set):
   - training samples/s of a token-level TIGER reference: nn.Transformer, 4+4 layers,
     d_model 128, d_ff 1024, every history item as its L tokens, source padded to
     max_his_len * L = 80 tokens, one softmax over all L*V tokens (as TIGER's T5 does);
-  - constrained beam-search users/s (beam 20, top 10) of GRModel.
+  - constrained beam-search users/s (beam 20, top 10) of GRModel;
+  - app.py's cost of one user switch (`app.user_view`: two beam searches, the K augmented
+    trajectories, both models' probabilities of every item) and of its first
+    "random interesting user" click (`app.interesting_users`), with the models loaded.
 The speed-up is the ratio of the first two, measured in one process.
 
 Usage: `python bench.py --dataset beauty --steps 20`
@@ -64,6 +67,7 @@ def main() -> None:
     p.add_argument("--ref-steps", type=int, default=5, help="timed steps of the (slow) token-level reference")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--eval-users", type=int, default=4096)
+    p.add_argument("--app-users", type=int, default=20, help="users timed through app.user_view")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     a = p.parse_args()
@@ -137,6 +141,34 @@ def main() -> None:
     res["beam_users_per_s"] = len(idx) / (time.perf_counter() - t0)
     res["all_test_users_s_est"] = len(te.target) / res["beam_users_per_s"]
     print(f"beam search: {res['beam_users_per_s']:.0f} users/s; all {len(te.target):,} test users ~ {res['all_test_users_s_est']:.0f} s")
+
+    # app.py, models already in memory (st.cache_resource): one user switch, one disagreement scan
+    import copy
+
+    import app
+    import collab
+    from gflowgr import GFlowNetHeads
+    from train import Config
+
+    cfg = Config()
+    cfg.data.dataset = a.dataset
+    test_t = {k: torch.as_tensor(getattr(te, k)) for k in ("hist", "hist_len", "target", "user")}
+    b = app.Bundle(name="bench", method="gflowgr-tb", objective="tb", cfg=cfg, titles=ds.titles, attributes=ds.attributes,
+                   test=test_t, user_to_sample={}, model=model, sft_model=copy.deepcopy(model),
+                   heads=GFlowNetHeads(model.cfg.d_model).eval(), cm=collab.SASRec(ds.n_items, collab.CollabConfig()).eval(),
+                   metrics={}, curves=[])
+    app.user_view(b, 0)  # warm-up
+    times = []
+    for sample in range(1, a.app_users + 1):
+        t0 = time.perf_counter()
+        app.user_view(b, sample)
+        times.append(time.perf_counter() - t0)
+    res["app_user_switch_s"] = {"median": sorted(times)[len(times) // 2], "max": max(times)}
+    t0 = time.perf_counter()
+    app.interesting_users(b)
+    res["app_interesting_scan_s"] = time.perf_counter() - t0
+    print(f"app: user switch {res['app_user_switch_s']['median']:.2f} s median, {res['app_user_switch_s']['max']:.2f} s max "
+          f"({a.app_users} users); first random-user scan {res['app_interesting_scan_s']:.1f} s")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=2)

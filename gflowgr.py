@@ -94,10 +94,19 @@ class DecoderLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cross_kv, mem_mask):
-        """Teacher-forced pass over all L prefixes at once. x: (B, L, d)."""
+        """Teacher-forced pass over all L prefixes at once. x: (B, L, d).
+
+        cross_kv may hold ONE user's keys/values (batch 1) for B items of that user: the B*L
+        prefixes then become the query axis of a single cross-attention (no copy of the memory).
+        """
         h = self.ln1(x)
         x = x + self.drop(self.self_attn(h, h, causal=True))
-        x = x + self.drop(self.cross.attend(self.ln2(x), *cross_kv, mask=mem_mask))
+        q = self.ln2(x)
+        if cross_kv[0].shape[0] == 1 < x.shape[0]:
+            y = self.cross.attend(rearrange(q, "b l d -> 1 (b l) d"), *cross_kv, mask=mem_mask).view_as(x)
+        else:
+            y = self.cross.attend(q, *cross_kv, mask=mem_mask)
+        x = x + self.drop(y)
         return x + self.ff(self.ln3(x))
 
     def step(self, x, cache, cross_kv, mem_mask):
@@ -178,20 +187,25 @@ class GRModel(nn.Module):
         return self.enc_ln(x), mask
 
     # -- decoder, teacher forced ----------------------------------------------------------
-    def decode(self, mem: torch.Tensor, mask: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Hidden state of every prefix s_0..s_{L-1} of each target item: (B, L, d)."""
+    def decode(self, mem: torch.Tensor, mask: torch.Tensor, items: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """Hidden state of every prefix s_0..s_{L-1} of each target item: (B, L, d).
+
+        mem (B, S, d) pairs row b with items[b]; mem (1, S, d) is one user scored on all B items.
+        depth P < L stops after the prefixes s_0..s_{P-1}: (B, P, d) (the decoder is causal)."""
+        P = depth or self.L
         codes = self.item_codes[items]  # (B, L)
-        prev = self.code_emb(codes[:, :-1] + self.level_offset[:-1])  # (B, L-1, d): t_1..t_{L-1}
-        x = torch.cat([self.bos.expand(len(items), 1, -1), prev], 1) + self.dec_pos.weight  # (B, L, d)
+        prev = self.code_emb(codes[:, : P - 1] + self.level_offset[: P - 1])  # (B, P-1, d): t_1..t_{P-1}
+        x = torch.cat([self.bos.expand(len(items), 1, -1), prev], 1) + self.dec_pos.weight[:P]  # (B, P, d)
         x = self.drop(x)
         for layer in self.dec_layers:
             x = layer(x, layer.cross.project_kv(mem), mask)
         return self.dec_ln(x)
 
     def logits(self, h: torch.Tensor, level: int | None = None) -> torch.Tensor:
-        """Unmasked logits: h (B, L, d) -> (B, L, V), or h (..., d) at one level -> (..., V)."""
+        """Unmasked logits: h (B, P, d) of the prefixes s_0..s_{P-1} -> (B, P, V), or h (..., d) at one level -> (..., V)."""
         if level is None:
-            return torch.einsum("bld,ldv->blv", h, self.head) + self.head_bias
+            P = h.shape[1]
+            return torch.einsum("bld,ldv->blv", h, self.head[:P]) + self.head_bias[:P]
         return h @ self.head[level] + self.head_bias[level]
 
     def masked_log_pf(self, logits: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
