@@ -156,3 +156,18 @@ def test_half_written_and_corrupt_runs_get_a_message(app_runs, tmp_path, monkeyp
     at.selectbox(key="seed").set_value(8).run()
     assert not at.exception
     assert "could not be read" in at.error[0].value
+
+
+def test_item_sweep_agrees_with_exhaustive_beam_search(app_runs):
+    """Two implementations of P(v|U) for every item: the app's sweep (which skips single-child
+    prefixes) and beam search with a beam as wide as the catalogue (exact)."""
+    b = app.load_bundle(app_runs / RUN)
+    n = len(b.titles)
+    for s in (0, 11):
+        hl = b.test["hist_len"][s : s + 1]
+        h = b.test["hist"][s : s + 1, : int(hl)]
+        sweep = app.item_log_probs(b.model, h, hl, chunk=50).sum(1)  # small chunks: the loop over chunks is used
+        items, log_p = b.model.beam_search(h, hl, beam=n, topk=n)
+        exact = torch.full((n,), float("-inf"))
+        exact[items[0]] = log_p[0]
+        assert torch.allclose(sweep, exact, atol=1e-4)
