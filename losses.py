@@ -133,6 +133,7 @@ def dpo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, re
 
     \mathcal{L}_{DPO} = -\log\sigma\big(\beta[(\log\pi(w) - \log\pi_{ref}(w)) - (\log\pi(l) - \log\pi_{ref}(l))]\big)
     """
+    # DPO: -log sigma(beta [(log pi(w) - log pi_ref(w)) - (log pi(l) - log pi_ref(l))])
     return -F.logsigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l)))
 
 
@@ -143,12 +144,14 @@ def sdpo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, r
     With J = 1 it is DPO.
     """
     r_w, r_l = logp_w - ref_w, logp_l - ref_l  # (B,), (B, J)
+    # S-DPO: -log sigma(-log sum_j exp(beta (r_j - r_w)))
     return -F.logsigmoid(-torch.logsumexp(beta * (r_l - r_w[:, None]), dim=1))
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """GRPO (Shao et al. 2024): A_i = (R_i - mean_g R) / (std_g R + eps) within each user's group. (B, G) -> (B, G)."""
     mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)
+    # GRPO advantage: A_i = (R_i - mean_g R) / (std_g R + eps)
     return (rewards - mean) / (std + eps)
 
 
@@ -156,12 +159,14 @@ def kl_to_reference(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per-sample estimate of KL(pi || pi_ref) on items drawn from pi (Schulman's k3, as GRPO uses):
     pi_ref/pi - log(pi_ref/pi) - 1 >= 0."""
     d = ref - logp
+    # k3 estimator: pi_ref/pi - log(pi_ref/pi) - 1
     return d.exp() - d - 1
 
 
 def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:
     """PPO's clipped objective as a loss: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi / pi_old (elementwise)."""
     ratio = (logp - logp_old).exp()
+    # PPO clip: -min(rho A, clip(rho, 1 - eps, 1 + eps) A)
     return -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
 
 
