@@ -436,7 +436,8 @@ def panel_rewards(b: Bundle, v: dict) -> None:
     fig = go.Figure([go.Bar(x=names, y=[tr[k] for tr in trajs], name=k) for k in ("r_a", "r_c", "r_sim")])
     fig.add_trace(go.Scatter(x=names, y=[tr["weight"] for tr in trajs], name="Eq. (8) weight", mode="markers",
                              marker=dict(size=12, symbol="diamond"), yaxis="y2"))
-    fig.update_layout(barmode="stack", height=340, margin=dict(t=20), yaxis_title="R = r_a + r_c + r_sim",
+    fig.update_layout(barmode="stack", height=360, margin=dict(t=40), yaxis_title="R = r_a + r_c + r_sim",
+                      legend=dict(orientation="h", y=1.12),
                       yaxis2=dict(title="weight 1/(r_a - r_c)^2", overlaying="y", side="right", rangemode="tozero"))
     c1, c2 = st.columns([3, EXPLAIN_WIDTH])
     c1.plotly_chart(fig, width="stretch", key="rewards")
@@ -460,11 +461,10 @@ def panel_distributions(b: Bundle, v: dict, ft_name: str) -> None:
     c1, c2 = st.columns([3, EXPLAIN_WIDTH])
     c1.plotly_chart(fig, width="stretch", key="dist")
     with c2:
-        m1, m2 = st.columns(2)
-        m1.metric("entropy SFT", f"{entropy(sft_lp):.2f}")
-        m2.metric(f"entropy {ft_name}", f"{entropy(ft_lp):.2f}")
-        m1.metric("std of P, SFT", f"{np.exp(sft_lp).std():.2e}")
-        m2.metric(f"std of P, {ft_name}", f"{np.exp(ft_lp).std():.2e}")
+        st.markdown("| | SFT | fine-tuned |\n|---|---|---|\n"
+                    f"| entropy (nats) | {entropy(sft_lp):.2f} | {entropy(ft_lp):.2f} |\n"
+                    f"| std of P(v\\|U) | {np.exp(sft_lp).std():.1e} | {np.exp(ft_lp).std():.1e} |\n"
+                    f"| top-10 mass | {np.exp(np.sort(sft_lp)[-10:]).sum():.3f} | {np.exp(np.sort(ft_lp)[-10:]).sum():.3f} |")
         explain("This user's generation probabilities over every item, sorted (log scale). A flatter curve and higher "
                 "entropy mean probability spread over more items: the diversity claim of Sec. 4.5.")
     div = b.metrics.get("diversity")
