@@ -25,11 +25,13 @@ def toy_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def app_runs(tmp_path_factory):
-    """A runs folder for the app: one tiny toy GFlowGR-TB run (its SFT stage and CM cached beside it)."""
+    """A runs folder for the app: a tiny toy GFlowGR-TB run and the SFT run it started from
+    (the SFT stage and the CM cached beside them)."""
     from train import main
 
     out = tmp_path_factory.mktemp("app_runs")
     cfg = tiny_config(out, method="gflowgr-tb")
     cfg.ft.ft_epochs, cfg.cm.epochs = 1, 5  # the app needs artefacts, not accuracy
     main(cfg, log=lambda *a: None)
+    main(tiny_config(out), log=lambda *a: None)  # method sft: reuses the cached SFT stage
     return out

@@ -32,7 +32,8 @@ def test_parse_run_name_and_list_runs(app_runs, tmp_path):
                                                                  "backbone": "letter", "method": "sft", "seed": 43}
     assert app.parse_run_name("toy") is None and app.parse_run_name("toy__sft__seedx") is None
     runs = app.list_runs(app_runs)
-    assert [r["name"] for r in runs] == [RUN] and runs[0]["finished"]  # the toy/ stage folder is not a run
+    # the toy/ stage folder is not a run
+    assert [r["name"] for r in runs] == [RUN, "toy__sft__seed42"] and all(r["finished"] for r in runs)
     assert app.list_runs(tmp_path / "absent") == []
 
 
@@ -171,3 +172,14 @@ def test_item_sweep_agrees_with_exhaustive_beam_search(app_runs):
         exact = torch.full((n,), float("-inf"))
         exact[items[0]] = log_p[0]
         assert torch.allclose(sweep, exact, atol=1e-4)
+
+
+def test_an_sft_run_shows_without_the_gflownet_panels(app_runs, monkeypatch):
+    at = start(monkeypatch, app_runs)
+    at.selectbox(key="method").set_value("sft").run()
+    assert not at.exception
+    sft, ft = list_items(at)
+    assert sft == ft  # an SFT run compares SFT with itself
+    assert "no GFlowNet heads" in at.info[0].value
+    assert not any(m.label == "log Z(U)" for m in at.metric)
+    assert len(at.get("plotly_chart")) >= 5
