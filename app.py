@@ -166,7 +166,7 @@ def item_log_probs(model, hist: torch.Tensor, hist_len: torch.Tensor, chunk: int
 
     Where the trie leaves a prefix one child, the masked policy gives that child P_F = 1 whatever
     the network says, so each item is decoded only down to its last prefix with a real choice
-    (on Beauty most items are alone after their 3 semantic tokens: a third less work).
+    (on Beauty 82% of items are alone after their 3 semantic tokens, so their last step is skipped).
     """
     n_items, L = model.item_codes.shape
     choices = (model.trie_mask == 0).sum(1)  # (nodes,): valid children of each prefix
@@ -192,7 +192,8 @@ def user_view(b: Bundle, sample: int, progress: float = 1.0) -> dict:
     t = b.test
     hist, hl, target = t["hist"][sample : sample + 1], t["hist_len"][sample : sample + 1], t["target"][sample : sample + 1]
     # a sampler seeded by the user: the same user always gets the same augmented items
-    sampler = TrajectorySampler(b.cm, len(b.titles), b.cfg.sampler, seed=b.cfg.train.seed * 100_003 + sample) if b.cm else None
+    sampler = TrajectorySampler(b.cm, len(b.titles), b.cfg.sampler, seed=b.cfg.train.seed * 100_003 + sample) \
+        if b.cm is not None else None
     view = inspect_users(b.sft_model, b.model, b.heads, b.cm, sampler, hist, hl, target, b.cfg, progress)[0]
     hist = hist[:, : int(hl)]
     view["sample"], view["user"] = sample, int(t["user"][sample])
