@@ -415,6 +415,7 @@ def panel_flows(b: Bundle, v: dict) -> None:
                     "flow fixed to the reward, log F(s_L) = log R^beta. A balanced trajectory's flow falls by exactly "
                     "-log P_F at each step.")
     if b.objective == "tb" and v["log_z"] is not None:
+        # Eq. (6): left side log Z(U) + sum_l log P_F(t_l | U, s_{l-1}), right side log R(s_L)
         lhs = [v["log_z"] + tr["log_pf_sum"] for tr in trajs]
         fig = go.Figure([go.Bar(x=names, y=lhs, name="log Z(U) + sum_l log P_F"),
                          go.Bar(x=names, y=[tr["log_r"] for tr in trajs], name="log R^beta")])

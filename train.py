@@ -687,7 +687,8 @@ def inspect_users(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads | Non
     r_c = torch.cat([cm.score(hist, hist_len, target[:, None]), r_c_aug], 1) if cm is not None \
         else torch.zeros(items.shape, device=items.device)
     log_pf, h, mem, mask = model.trajectories(hist, hist_len, items)  # (B, M, L)
-    rew, log_r = trajectory_rewards(model, items, r_c, cfg)
+    rew, log_r = trajectory_rewards(model, items, r_c, cfg)  # Sec. 3.2: R = r_a + r_c + r_sim, log R^beta
+    # Eq. (8): w = 1 / (r_a - r_c)^2, clamped
     w = trajectory_weight(rew["r_a"], r_c)
     if heads is not None:
         heads.eval()
