@@ -51,7 +51,9 @@ def parse_run_name(name: str) -> dict | None:
     if len(parts) not in (3, 4) or not parts[-1].startswith("seed") or not parts[-1][4:].isdigit():
         return None
     backbone = parts[1] if len(parts) == 4 else "tiger"
-    return {"name": name, "dataset": parts[0], "backbone": backbone, "method": parts[-2], "seed": int(parts[-1][4:])}
+    # a study variant ('gflowgr-tb+K1', train.variant) is shown as its own method; "base" is the algorithm
+    return {"name": name, "dataset": parts[0], "backbone": backbone, "method": parts[-2],
+            "base": parts[-2].split("+")[0], "seed": int(parts[-1][4:])}
 
 
 def list_runs(root: Path) -> list[dict]:
@@ -130,14 +132,14 @@ def load_bundle(run_dir: Path) -> Bundle:
     splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
     ckpt = _load_checkpoint(run_dir / "checkpoint.pt", "the run's checkpoint")
     model = GRModel.from_state(ckpt["model_args"], ckpt["model"]).eval()
-    if info["method"] == "sft":
+    if info["base"] == "sft":
         sft_model = model
     else:
         stage = _stage_dir(metrics.get("stage", ""), run_dir.parent, info["dataset"])
         sft = _load_checkpoint(stage / "checkpoint.pt", "the SFT checkpoint this run started from")
         sft_model = GRModel.from_state(sft["model_args"], sft["model"]).eval()
     heads = None
-    if ckpt.get("heads") is not None and OBJECTIVE.get(info["method"]):
+    if ckpt.get("heads") is not None and OBJECTIVE.get(info["base"]):
         heads = GFlowNetHeads(**ckpt["heads_args"])
         heads.load_state_dict(ckpt["heads"])
         heads.eval()
@@ -154,33 +156,10 @@ def load_bundle(run_dir: Path) -> Bundle:
             except json.JSONDecodeError:  # a line cut by an interrupted write: skip it
                 pass
     test = to_tensors(splits["test"], "cpu")
-    return Bundle(name=run_dir.name, method=info["method"], objective=OBJECTIVE.get(info["method"]), cfg=cfg,
+    return Bundle(name=run_dir.name, method=info["method"], objective=OBJECTIVE.get(info["base"]), cfg=cfg,
                   titles=ds.titles, attributes=ds.attributes, test=test,
                   user_to_sample={int(u): i for i, u in enumerate(test["user"].tolist())},
                   model=model, sft_model=sft_model, heads=heads, cm=cm, metrics=metrics, curves=curves)
-
-
-@torch.no_grad()
-def item_log_probs(model, hist: torch.Tensor, hist_len: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """log P_F(t_l | U, s_{l-1}) for every item's ID, one user: (I, L). Their sum over l is log P(v | U).
-
-    Where the trie leaves a prefix one child, the masked policy gives that child P_F = 1 whatever
-    the network says, so each item is decoded only down to its last prefix with a real choice
-    (on Beauty 82% of items are alone after their 3 semantic tokens, so their last step is skipped).
-    """
-    n_items, L = model.item_codes.shape
-    choices = (model.trie_mask == 0).sum(1)  # (nodes,): valid children of each prefix
-    branching = choices[model.trie_item_nodes[:, :L]] > 1  # (I, L): s_{l-1} has a real choice
-    depth = torch.where(branching, torch.arange(1, L + 1), 0).amax(1)  # (I,): prefixes worth decoding
-    mem, mask = model.encode(hist, hist_len)  # (1, S, d): decode shares it across the items
-    log_pf = torch.zeros(n_items, L)  # P_F = 1 below the last choice
-    for P in range(1, L + 1):
-        for items in (depth == P).nonzero()[:, 0].split(chunk):
-            h = model.decode(mem, mask, items, depth=P)  # (M, P, d)
-            nodes = model.trie_item_nodes[items, :P]  # (M, P): prefixes s_0..s_{P-1}
-            log_pf_all = model.masked_log_pf(model.logits(h), nodes)  # (M, P, V): the trie-masked policy
-            log_pf[items, :P] = log_pf_all.gather(2, model.item_codes[items, :P, None]).squeeze(2)
-    return log_pf
 
 
 @torch.no_grad()
@@ -198,8 +177,8 @@ def user_view(b: Bundle, sample: int, progress: float = 1.0) -> dict:
     hist = hist[:, : int(hl)]
     view["sample"], view["user"] = sample, int(t["user"][sample])
     view["history"] = hist[0].tolist()
-    view["sft_log_pf"] = item_log_probs(b.sft_model, hist, hl).numpy()  # (I, L)
-    view["ft_log_pf"] = view["sft_log_pf"] if b.model is b.sft_model else item_log_probs(b.model, hist, hl).numpy()
+    view["sft_log_pf"] = b.sft_model.item_log_probs(hist, hl).numpy()  # (I, L)
+    view["ft_log_pf"] = view["sft_log_pf"] if b.model is b.sft_model else b.model.item_log_probs(hist, hl).numpy()
     return view
 
 
@@ -545,7 +524,9 @@ def main() -> None:
         st.warning(f"Unknown user {user_text!r}: enter a user id between {min(b.user_to_sample)} and "
                    f"{max(b.user_to_sample)}, or press one of the random-user buttons.")
         return
-    ft_name = {"gflowgr-tb": "GFlowGR-TB", "gflowgr-db": "GFlowGR-DB"}.get(run["method"], run["method"].upper())
+    ft_name = {"gflowgr-tb": "GFlowGR-TB", "gflowgr-db": "GFlowGR-DB"}.get(run["base"], run["base"].upper())
+    if run["method"] != run["base"]:
+        ft_name += f" ({run['method'].split('+', 1)[1]})"
     st.caption(f"run `{run['name']}` · test HR@10 {b.metrics.get('test', {}).get('hr@10', float('nan')):.4f} · "
                f"user {user_text} (test sample {sample})")
     v = cached_user_view(str(run_dir), stamp, sample, float(progress))

@@ -300,6 +300,28 @@ class GRModel(nn.Module):
             x = self.code_emb(token + self.level_offset[level])  # (B, n, d)
         return self.trie_leaf_item[node], score
 
+    @torch.no_grad()
+    def item_log_probs(self, hist: torch.Tensor, hist_len: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """log P_F(t_l | U, s_{l-1}) for every item's ID, one user: (I, L). Their sum over l is log P(v | U).
+
+        Where the trie leaves a prefix one child, the masked policy gives that child P_F = 1 whatever
+        the network says, so each item is decoded only down to its last prefix with a real choice
+        (on Beauty 82% of items are alone after their 3 semantic tokens, so their last step is skipped).
+        """
+        n_items, L = self.item_codes.shape
+        choices = (self.trie_mask == 0).sum(1)  # (nodes,): valid children of each prefix
+        branching = choices[self.trie_item_nodes[:, :L]] > 1  # (I, L): s_{l-1} has a real choice
+        depth = torch.where(branching, torch.arange(1, L + 1, device=branching.device), 0).amax(1)  # (I,): prefixes worth decoding
+        mem, mask = self.encode(hist, hist_len)  # (1, S, d): decode shares it across the items
+        log_pf = torch.zeros(n_items, L, device=mem.device)  # P_F = 1 below the last choice
+        for P in range(1, L + 1):
+            for items in (depth == P).nonzero()[:, 0].split(chunk):
+                h = self.decode(mem, mask, items, depth=P)  # (M, P, d)
+                nodes = self.trie_item_nodes[items, :P]  # (M, P): prefixes s_0..s_{P-1}
+                log_pf_all = self.masked_log_pf(self.logits(h), nodes)  # (M, P, V): the trie-masked policy
+                log_pf[items, :P] = log_pf_all.gather(2, self.item_codes[items, :P, None]).squeeze(2)
+        return log_pf
+
 
 class GFlowNetHeads(nn.Module):
     """The learnable GFlowNet quantities of Eq. (5)/(6), kept apart from the SFT backbone.

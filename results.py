@@ -55,13 +55,19 @@ def display(method: str) -> str:
     return DISPLAY.get(method, method)
 
 
-def run_name(dataset: str, backbone: str, method: str, seed: int) -> str:
+def run_name(dataset: str, backbone: str, method: str, seed: int, variant: str = "") -> str:
     """Run folder name. TIGER is the default backbone and keeps the plain name that
-    train.py has always written; other backbones get their name in the middle.
+    train.py has always written; other backbones get their name in the middle. A study
+    variant (train.variant: the settings that differ from the full model) follows the
+    method after a '+', so an ablation never overwrites the full model's run.
 
     >>> run_name("beauty", "tiger", "sft", 42), run_name("beauty", "letter", "gflowgr-tb", 43)
     ('beauty__sft__seed42', 'beauty__letter__gflowgr-tb__seed43')
+    >>> run_name("beauty", "tiger", "gflowgr-tb", 42, "K1")
+    'beauty__gflowgr-tb+K1__seed42'
     """
+    if variant:
+        method = f"{method}+{variant}"
     if backbone == "tiger":
         return f"{dataset}__{method}__seed{seed}"
     return f"{dataset}__{backbone}__{method}__seed{seed}"

@@ -51,6 +51,12 @@ FINETUNE_METHODS = METHODS[1:]
 TABLE_BASELINES, TABLE_GFLOWGR = results.BASELINES, results.GFLOWGR  # in the paper's row order
 TABLE_METHODS = (*TABLE_BASELINES, *TABLE_GFLOWGR, "sft-continued")
 BACKBONES = ("tiger", "letter")
+STUDIES = ("ablation", "k", "lambda", "diversity", "exposure")  # experiments.py
+# The settings the studies vary (Table 2, Fig. 3). A GFlowGR run whose config differs from
+# the default in any of them is a variant: its folder name says how (see `variant`), so an
+# ablation never overwrites the full model and identical configs share one run.
+VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"), ("sampler.K", "K{}"),
+                  ("ft.weight", "no-weight"), ("ft.lam", "lambda{}"))
 
 
 @dataclass
@@ -72,6 +78,8 @@ class TrainConfig:
     topk: int = field(default=10, metadata={"help": "length of the recommendation list"})
     eval_batch: int = field(default=512, metadata={"help": "users per beam-search batch"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
+    study: str = field(default="", metadata={"help": "run an analysis study instead of one run: ablation | k | lambda | diversity | exposure (experiments.py, writes results/<dataset>_<study>.*)"})
+    diversity_users: int = field(default=200, metadata={"help": "diversity study: test users whose whole item distribution P(v|U) is computed (~1 s each on a CPU for Beauty; 0 = all)"})
 
 
 @dataclass
@@ -114,6 +122,10 @@ PRESETS = {
     # improving at epoch 20 (0.027); BENCHMARKS.md, Table 1 on Yelp.
     "yelp": {"train.epochs": 40, "train.patience": 6, "train.eval_users": 10000, "cm.lr": 2e-3},
 }
+# TrainConfig fields that do not change the SFT model, so are left out of its cache key
+NOT_SFT_SETTINGS = ("method", "backbone", "seeds", "device", "out", "eval_batch", "threads", "study", "diversity_users")
+# ... and those that do not change a run's result, so a finished run is reused whatever they are
+NOT_RUN_SETTINGS = ("seeds", "study", "diversity_users", "threads", "eval_batch", "out")
 DERIVED = {"model.max_his_len", "cm.seed"}  # filled from data.max_his_len / train.seed after parsing
 FLAG_PREFIX = {"cm": "cm-"}  # SASRec's fields share names with the GR's (epochs, lr, ...)
 
@@ -194,6 +206,10 @@ def finalize(cfg: Config) -> Config:
         cfg.tok.id_method = "letter"  # the LETTER tokenizer: RQ-VAE + collaborative and diversity regularisers
     elif cfg.tok.id_method == "letter":
         raise DataError("--id-method letter is the LETTER backbone: use --backbone letter")
+    if t.study and t.study not in STUDIES:
+        raise DataError(f"unknown study {t.study!r}: choose one of {', '.join(STUDIES)}")
+    if t.diversity_users < 0:
+        raise DataError(f"--diversity-users must be >= 0 (got {t.diversity_users})")
     if t.method == "all" and not t.seeds:
         t.seeds = [t.seed]
     if t.beam < t.topk:
@@ -228,6 +244,55 @@ def apply_preset(cfg: Config) -> Config:
         if getattr(getattr(cfg, group), name) == getattr(getattr(base, group), name):
             set_field(out, dotted, value)
     return finalize(out)
+
+
+def variant(cfg: Config) -> str:
+    """'' for the full model, else the study settings that differ from the defaults, '+'-joined.
+
+    >>> c = Config(); c.train.method, c.sampler.K, c.ft.lam = "gflowgr-tb", 0, 10.0; variant(c)
+    'K0+lambda10'
+    """
+    if cfg.train.method not in OBJECTIVE:
+        return ""
+    base, parts = Config(), []
+    for dotted, fmt in VARIANT_FIELDS:
+        group, name = dotted.split(".")
+        value = getattr(getattr(cfg, group), name)
+        if value != getattr(getattr(base, group), name):
+            parts.append(fmt.format(f"{value:g}" if isinstance(value, float) else str(value).replace(",", "-")))
+    return "+".join(parts)
+
+
+def run_dir(cfg: Config) -> Path:
+    """The folder of the run cfg describes: runs/<dataset>__[<backbone>__]<method>[+<variant>]__seed<N>."""
+    t = cfg.train
+    return Path(t.out) / results.run_name(cfg.data.dataset, t.backbone, t.method, t.seed, variant(cfg))
+
+
+def finished(cfg: Config) -> bool:
+    """Whether the run of cfg has finished earlier with this very configuration: its metrics.json
+    exists and its config.json equals cfg (fields added since it ran count as their defaults)."""
+    d = run_dir(cfg)
+    if not (d / "metrics.json").exists() or not (d / "config.json").exists():
+        return False
+    try:
+        done = config_from_dict(json.loads((d / "config.json").read_text()))
+    except json.JSONDecodeError:
+        return False
+
+    def identity(c: Config) -> dict:  # what makes the run: not who asked for it or how fast it ran
+        return json.loads(json.dumps({**asdict(c), "train": {k: v for k, v in asdict(c.train).items() if k not in NOT_RUN_SETTINGS}}))
+
+    return identity(done) == identity(cfg)
+
+
+def run_or_reuse(cfg: Config, log=print) -> dict:
+    """main(cfg), unless that run finished earlier with the same config: then its metrics.json."""
+    cfg = finalize(cfg)
+    if finished(cfg):
+        log(f"[done] {run_dir(cfg)} (finished earlier, reused)")
+        return json.loads((run_dir(cfg) / "metrics.json").read_text())
+    return main(cfg, log)
 
 
 # ----------------------------------------------------------------------------------------
@@ -477,7 +542,7 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
     """Train (or load the cached) SFT backbone. Returns the model, its info and the stage folder."""
     t = cfg.train
     key = stage_key(ids_key, fingerprint(ds.sequences), asdict(cfg.model),
-                    {k: v for k, v in asdict(t).items() if k not in ("method", "backbone", "seeds", "device", "out", "eval_batch", "threads")})
+                    {k: v for k, v in asdict(t).items() if k not in NOT_SFT_SETTINGS})
     stage = Path(t.out) / ds.name / f"sft-{key}"
     ckpt_path = stage / "checkpoint.pt"
     if ckpt_path.exists():
@@ -565,6 +630,9 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
     t, ft = cfg.train, cfg.ft
     device = train_t["target"].device
     objective = OBJECTIVE.get(method)
+    # the heads' initial weights and the dropout masks: the same whatever ran before in this
+    # process (a study trains many runs in one), so a run's numbers depend on its config alone
+    set_seed(t.seed)
     heads = GFlowNetHeads(cfg.model.d_model, ft.log_z).to(device)
     needs_sampler = objective or method in ("dpo", "sdpo")
     sampler = TrajectorySampler(cm, model.item_codes.shape[0], cfg.sampler, seed=t.seed) if needs_sampler else None
@@ -775,15 +843,15 @@ def main(cfg: Config, log=print) -> dict:
         atomic_write_json(sft_ev, eval_path)
     pop = mostpop_metrics(ds, splits, t.topk)
 
-    run_dir = Path(t.out) / results.run_name(ds.name, t.backbone, t.method, t.seed)
+    out_dir = run_dir(cfg)
     result = {"sft": sft_info, "sft_eval": sft_ev, "mostpop": pop, "tokenizer": tok_report, "stage": str(stage)}
     rows = {"SFT": sft_ev, "MostPop": pop}
     if t.method == "sft":
         result.update(test=sft_ev["test"], valid=sft_ev["valid"])
         ckpt_src, inspect = stage / "checkpoint.pt", None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(stage / "metrics.jsonl", run_dir / "metrics.jsonl.tmp")
-        os.replace(run_dir / "metrics.jsonl.tmp", run_dir / "metrics.jsonl")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(stage / "metrics.jsonl", out_dir / "metrics.jsonl.tmp")
+        os.replace(out_dir / "metrics.jsonl.tmp", out_dir / "metrics.jsonl")
     else:
         t0 = time.time()
         cm, cm_info = collab.load_or_train(ds, splits, cfg.cm, Path(t.out) / ds.name, device, log)
@@ -791,7 +859,7 @@ def main(cfg: Config, log=print) -> dict:
         timing["cm_s"] = time.time() - t0
         sft_model = copy.deepcopy(model).eval()
         tensors = {name: to_tensors(splits[name], device) for name in ("train", "valid", "test")}
-        logger = JsonlLogger(run_dir / "metrics.jsonl")
+        logger = JsonlLogger(out_dir / "metrics.jsonl")
         t0 = time.time()
         log(f"[stage] {t.method}: {cfg.ft.ft_epochs} epochs from the SFT checkpoint")
         heads, sampler, ft_info = finetune(model, cm, tensors["train"], tensors["valid"], cfg, t.method, logger, log)
@@ -807,21 +875,21 @@ def main(cfg: Config, log=print) -> dict:
     timing["total_s"] = time.time() - t_start
     result.update(timing=timing, peak_memory_mb=peak_memory_mb())
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(asdict(cfg), run_dir / "config.json")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(asdict(cfg), out_dir / "config.json")
     if ckpt_src is not None:
-        shutil.copyfile(ckpt_src, run_dir / "checkpoint.pt.tmp")
-        os.replace(run_dir / "checkpoint.pt.tmp", run_dir / "checkpoint.pt")
+        shutil.copyfile(ckpt_src, out_dir / "checkpoint.pt.tmp")
+        os.replace(out_dir / "checkpoint.pt.tmp", out_dir / "checkpoint.pt")
     else:
         atomic_save({"model": model.state_dict(), "model_args": model.model_args(), "heads": heads.state_dict(),
                      "heads_args": {"d_model": cfg.model.d_model, "log_z": cfg.ft.log_z}, "step": ft_info["step"],
-                     "config": asdict(cfg)}, run_dir / "checkpoint.pt")
+                     "config": asdict(cfg)}, out_dir / "checkpoint.pt")
     if inspect is not None:
-        atomic_write_json(inspect, run_dir / "inspect.json")
-    atomic_write_json(result, run_dir / "metrics.json")
+        atomic_write_json(inspect, out_dir / "inspect.json")
+    atomic_write_json(result, out_dir / "metrics.json")
 
     log("\n" + format_table([(split, name, m[split]) for split in ("test", "valid") for name, m in rows.items()]))
-    log(f"\nrun folder: {run_dir}   total {timing['total_s']:.0f}s")
+    log(f"\nrun folder: {out_dir}   total {timing['total_s']:.0f}s")
     return result
 
 
@@ -838,14 +906,8 @@ def run_table(cfg: Config, log=print) -> dict:
         for method in methods:
             c = copy.deepcopy(cfg)
             c.train.method, c.train.seed, c.train.seeds = method, seed, []
-            c = finalize(c)
-            d = Path(t.out) / results.run_name(c.data.dataset, t.backbone, method, seed)
-            if (d / "metrics.json").exists() and (d / "config.json").exists() \
-                    and json.loads((d / "config.json").read_text()) == json.loads(json.dumps(asdict(c))):
-                log(f"[done] {d} (finished earlier, skipped)")
-                continue
             log(f"\n=== {method}, seed {seed} ===")
-            main(c, log)
+            run_or_reuse(c, log)
     names = [*methods, "cm", "mostpop"] if t.method == "all" else list(methods)
     got = results.collect(t.out, cfg.data.dataset, t.backbone, names, t.seeds)
     values = got["values"]
@@ -862,7 +924,10 @@ def run_table(cfg: Config, log=print) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
-        if cfg.train.method == "all" or cfg.train.seeds:
+        if cfg.train.study:
+            import experiments  # imported here: experiments.py builds on this file
+            experiments.run_study(cfg)
+        elif cfg.train.method == "all" or cfg.train.seeds:
             run_table(cfg)
         else:
             main(cfg)

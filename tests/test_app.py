@@ -29,7 +29,10 @@ def list_items(at) -> tuple[list, list]:
 
 def test_parse_run_name_and_list_runs(app_runs, tmp_path):
     assert app.parse_run_name("beauty__letter__sft__seed43") == {"name": "beauty__letter__sft__seed43", "dataset": "beauty",
-                                                                 "backbone": "letter", "method": "sft", "seed": 43}
+                                                                 "backbone": "letter", "method": "sft", "base": "sft", "seed": 43}
+    # a study variant keeps its own menu entry but loads as the algorithm it varies
+    v = app.parse_run_name("beauty__gflowgr-tb+K1+lambda10__seed42")
+    assert (v["method"], v["base"], v["backbone"]) == ("gflowgr-tb+K1+lambda10", "gflowgr-tb", "tiger")
     assert app.parse_run_name("toy") is None and app.parse_run_name("toy__sft__seedx") is None
     runs = app.list_runs(app_runs)
     # the toy/ stage folder is not a run
@@ -167,7 +170,7 @@ def test_item_sweep_agrees_with_exhaustive_beam_search(app_runs):
     for s in (0, 11):
         hl = b.test["hist_len"][s : s + 1]
         h = b.test["hist"][s : s + 1, : int(hl)]
-        sweep = app.item_log_probs(b.model, h, hl, chunk=50).sum(1)  # small chunks: the loop over chunks is used
+        sweep = b.model.item_log_probs(h, hl, chunk=50).sum(1)  # small chunks: the loop over chunks is used
         items, log_p = b.model.beam_search(h, hl, beam=n, topk=n)
         exact = torch.full((n,), float("-inf"))
         exact[items[0]] = log_p[0]

@@ -1,0 +1,486 @@
+"""Analysis studies: the paper's claims about GFlowGR, each tested by one command (Sec. 4.3-4.5).
+
+- ablation (Table 2): GFlowGR with each subset of the reward terms r_a, r_c, r_sim (Sec. 3.2),
+  without the adaptive sampler (random choice of the K candidates, "w/o Ada", Sec. 3.1),
+  without augmented trajectories (K = 0, "w/o Traj") and without the Eq. (8) weight
+  ("w/o Wt", Eq. 7), next to the full model.
+- k, lambda (Fig. 3): K in {0, 1, 3, 5} augmented trajectories per sample, lambda in
+  {0.01, 0.1, 1, 10, 100} (the weight of L_GFN in Eq. 8), with SFT as a dashed line.
+- diversity (Sec. 4.5): SFT against GFlowGR on the top-10 lists of every test user: KL of
+  the aggregate item distribution from a fitted normal, the std of P(v|U) over all items,
+  mean / range / std of the CM scores of the recommended items, coverage@10 and Gini@10.
+- exposure (the paper's central claim, Sec. 1): on the generated toy world, whose users'
+  true preferences are known and whose observations are biased towards popular items,
+  recall@10 of the held-out observed item and of the true preferences never observed.
+
+Every study trains the runs it needs through train.main; a run that finished earlier with the
+same config is reused (train.run_or_reuse), so a study can be stopped and restarted, and the
+K = 3, lambda = 1 and full-ablation columns are the same run. Results are written to
+results/<dataset>_<study>.md (tables), .json (every number, per seed) and .html (a plotly
+figure, standalone). Same seeds and config give the same numbers.
+
+Usage: `python train.py --dataset beauty --study ablation --seeds 42`
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+from tqdm.auto import tqdm
+
+import collab
+import data as data_mod
+import metrics as M
+import results
+import train
+from data import DataError
+from gflowgr import GRModel
+
+# Table 2's columns, in the paper's order: (label, config overrides)
+ABLATION = [
+    ("r_a", {"ft.reward": "ra"}),
+    ("r_c", {"ft.reward": "rc"}),
+    ("r_sim", {"ft.reward": "rsim"}),
+    ("r_a+r_c", {"ft.reward": "ra,rc"}),
+    ("r_a+r_sim", {"ft.reward": "ra,rsim"}),
+    ("r_c+r_sim", {"ft.reward": "rc,rsim"}),
+    ("w/o Ada", {"sampler.sampler": "random"}),
+    ("w/o Traj", {"sampler.K": 0}),  # the same run as K = 0 of the K study
+    ("w/o Wt", {"ft.weight": False}),
+    ("GFlowGR", {}),
+]
+K_VALUES = (0, 1, 3, 5)
+LAMBDAS = (0.01, 0.1, 1.0, 10.0, 100.0)
+# Table 2 of the paper (TIGER, Beauty), per column: HR@5, HR@10, NDCG@5, NDCG@10
+PAPER_TABLE2 = {
+    "r_a": (0.0403, 0.0641, 0.0261, 0.0341), "r_c": (0.0399, 0.0631, 0.0263, 0.0338),
+    "r_sim": (0.0404, 0.0634, 0.0260, 0.0343), "r_a+r_c": (0.0399, 0.0629, 0.0264, 0.0337),
+    "r_a+r_sim": (0.0406, 0.0648, 0.0260, 0.0344), "r_c+r_sim": (0.0381, 0.0600, 0.0253, 0.0323),
+    "w/o Ada": (0.0386, 0.0600, 0.0257, 0.0326), "w/o Traj": (0.0397, 0.0617, 0.0261, 0.0332),
+    "w/o Wt": (0.0388, 0.0615, 0.0254, 0.0327), "GFlowGR": (0.0407, 0.0651, 0.0266, 0.0344),
+}
+PAPER_SFT_TIGER_BEAUTY = (0.0350, 0.0558, 0.0229, 0.0299)  # Table 1, TIGER-SFT on Beauty
+# Sec. 4.5's diversity numbers (TIGER, Beauty): GFlowGR vs SFT
+PAPER_DIVERSITY = "KL to a normal 3.13 (GFlowGR) vs 3.24 (SFT); std of P(v|U) 2.2% lower; " \
+                  "CM score mean 0.4% lower, range 0.45 vs 0.42, std 3.6% higher"
+METRICS = results.METRICS
+
+
+# ----------------------------------------------------------------------------------------
+# Running the variants a study needs
+# ----------------------------------------------------------------------------------------
+
+
+def study_config(cfg: train.Config, method: str, seed: int, overrides: dict) -> train.Config:
+    """The run config of one study cell: cfg with method, seed and the overrides, study fields cleared."""
+    c = copy.deepcopy(cfg)
+    c.train.method, c.train.seed, c.train.seeds, c.train.study = method, seed, [], ""
+    for dotted, value in overrides.items():
+        train.set_field(c, dotted, value)
+    return train.finalize(c)
+
+
+def gflowgr_method(cfg: train.Config) -> str:
+    """The GFlowGR objective a study varies: --method gflowgr-db studies DB, otherwise TB (as Table 2)."""
+    if cfg.train.method in train.OBJECTIVE:
+        return cfg.train.method
+    if cfg.train.method != "sft":
+        raise DataError(f"--study {cfg.train.study} studies GFlowGR: use --method gflowgr-tb (default) or gflowgr-db, "
+                        f"not {cfg.train.method!r}")
+    return "gflowgr-tb"
+
+
+def seeds_of(cfg: train.Config) -> list[int]:
+    return list(cfg.train.seeds) or [cfg.train.seed]
+
+
+def out_dir(cfg: train.Config) -> Path:
+    """results/ beside the default runs folder, else <out>/results (as train.run_table)."""
+    return Path("results") if cfg.train.out == "runs" else Path(cfg.train.out) / "results"
+
+
+def load_model(cfg: train.Config, device) -> GRModel:
+    """The trained backbone of the finished run cfg describes (its checkpoint.pt)."""
+    path = train.run_dir(cfg) / "checkpoint.pt"
+    try:
+        ckpt = torch.load(path, map_location=device)
+    except Exception as e:  # torch raises many kinds on a bad file
+        raise DataError(f"cannot read {path} ({type(e).__name__}): delete that run folder and run the study again")
+    return GRModel.from_state(ckpt["model_args"], ckpt["model"]).to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Writing tables, numbers and figures
+# ----------------------------------------------------------------------------------------
+
+
+def _fmt(s: dict) -> str:
+    if not s["n"]:
+        return "–"
+    return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["n"] > 1 else "")
+
+
+def _stats(values: list[float]) -> dict:
+    v = [x for x in values if not (isinstance(x, float) and math.isnan(x))]
+    return {"mean": float(np.mean(v)) if v else math.nan, "std": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan,
+            "n": len(v), "values": [float(x) for x in values]}
+
+
+def write_outputs(cfg: train.Config, study: str, md: str, summary: dict, fig: go.Figure, log=print) -> dict:
+    """results/<dataset>_<study>.md, .json and .html, each written atomically."""
+    folder = out_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{cfg.data.dataset}_{study}"
+    paths = {"md": stem.with_suffix(".md"), "json": stem.with_suffix(".json"), "html": stem.with_suffix(".html")}
+    results._atomic_write(md, paths["md"])
+    results._atomic_write(json.dumps(results._jsonable(summary), indent=1), paths["json"])
+    tmp = paths["html"].with_suffix(".html.tmp")
+    fig.write_html(tmp, include_plotlyjs=True, full_html=True)  # standalone: opens offline
+    tmp.replace(paths["html"])
+    log("\n" + md + f"\nwritten: {paths['md']}, {paths['json']}, {paths['html']}")
+    summary["paths"] = {k: str(v) for k, v in paths.items()}
+    return summary
+
+
+# ----------------------------------------------------------------------------------------
+# Table 2 and Fig. 3: ablation, K and lambda
+# ----------------------------------------------------------------------------------------
+
+
+def sweep_cells(study: str) -> list[tuple[str, dict]]:
+    """(label, overrides) of each column / point of a sweep study."""
+    if study == "ablation":
+        return ABLATION
+    if study == "k":
+        return [(f"K={k}", {"sampler.K": k}) for k in K_VALUES]
+    return [(f"λ={lam:g}", {"ft.lam": lam}) for lam in LAMBDAS]
+
+
+def run_sweep(cfg: train.Config, study: str, log=print) -> dict:
+    """Train (or reuse) every cell of the study for every seed; collect test metrics and the SFT level."""
+    method, seeds = gflowgr_method(cfg), seeds_of(cfg)
+    cells = []
+    sft = {k: [] for k in METRICS}
+    for label, overrides in sweep_cells(study):
+        values = {k: [] for k in METRICS}
+        runs = []
+        for seed in seeds:
+            c = study_config(cfg, method, seed, overrides)
+            log(f"\n=== {study}: {label}, seed {seed} ({train.run_dir(c).name}) ===")
+            m = train.run_or_reuse(c, log)
+            runs.append(train.run_dir(c).name)
+            for k in METRICS:
+                values[k].append(m["test"][k])
+            if not cells:  # every run of a seed starts from the same SFT model: take its level once
+                for k in METRICS:
+                    sft[k].append(m["sft_eval"]["test"][k])
+        cells.append({"label": label, "overrides": overrides, "runs": runs,
+                      "metrics": {k: _stats(v) for k, v in values.items()}})
+    return {"study": study, "dataset": cfg.data.dataset, "backbone": cfg.train.backbone, "method": method,
+            "seeds": seeds, "cells": cells, "sft": {k: _stats(v) for k, v in sft.items()}}
+
+
+def sweep_markdown(s: dict) -> str:
+    study, name = s["study"], results.display(s["method"])
+    seeds = ", ".join(map(str, s["seeds"]))
+    paper_note = s["dataset"] == "beauty" and s["backbone"] == "tiger"
+    if study == "ablation":
+        head = f"# Table 2: ablation of {name}, {s['dataset']} ({s['backbone'].upper()}), test split, seeds {seeds}\n\n"
+        cols = [c["label"] for c in s["cells"]] + ["SFT"]
+        lines = ["| metric | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for k in METRICS:
+            cells = [_fmt(c["metrics"][k]) for c in s["cells"]] + [_fmt(s["sft"][k])]
+            lines.append(f"| {results.COLUMN[k]} | " + " | ".join(cells) + " |")
+        if paper_note:
+            for i, k in enumerate(METRICS):
+                ref = [f"{PAPER_TABLE2[c['label']][i]:.4f}" for c in s["cells"]] + [f"{PAPER_SFT_TIGER_BEAUTY[i]:.4f}"]
+                lines.append(f"| {results.COLUMN[k]} (paper) | " + " | ".join(ref) + " |")
+        full = s["cells"][-1]["metrics"]
+        lines += ["", "Change of HR@10 / NDCG@10 against the full model (this run):", "",
+                  "| variant | ΔHR@10 | ΔNDCG@10 |", "|---|---|---|"]
+        for c in s["cells"][:-1]:
+            d = [c["metrics"][k]["mean"] - full[k]["mean"] for k in ("hr@10", "ndcg@10")]
+            lines.append(f"| {c['label']} | {d[0]:+.4f} | {d[1]:+.4f} |")
+        return head + "\n".join(lines) + "\n"
+    what = "K (augmented trajectories per sample)" if study == "k" else "λ (weight of L_GFN, Eq. 8)"
+    head = f"# Fig. 3: {name} against {what}, {s['dataset']} ({s['backbone'].upper()}), test split, seeds {seeds}\n\n"
+    lines = [f"| {study} | " + " | ".join(results.COLUMN[k] for k in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for c in s["cells"]:
+        lines.append(f"| {c['label']} | " + " | ".join(_fmt(c["metrics"][k]) for k in METRICS) + " |")
+    lines.append("| SFT (dashed line) | " + " | ".join(_fmt(s["sft"][k]) for k in METRICS) + " |")
+    best = max(s["cells"], key=lambda c: c["metrics"]["ndcg@10"]["mean"])
+    lines += ["", f"Best NDCG@10 at {best['label']}. The paper (Fig. 3, a plot without numbers) reports a reverse-V "
+              f"with its best at {'an intermediate K (neither 0 nor 5)' if study == 'k' else 'λ = 1'}."]
+    return head + "\n".join(lines) + "\n"
+
+
+def sweep_figure(s: dict) -> go.Figure:
+    """Fig. 3 layout: one panel per metric, the study's values with seed std as error bars, SFT dashed."""
+    fig = make_subplots(rows=1, cols=len(METRICS), subplot_titles=[results.COLUMN[k] for k in METRICS])
+    labels = [c["label"] for c in s["cells"]]
+    x = labels
+    if s["study"] == "k":
+        x = list(K_VALUES)
+    elif s["study"] == "lambda":
+        x = list(LAMBDAS)
+    for j, k in enumerate(METRICS, start=1):
+        y = [c["metrics"][k]["mean"] for c in s["cells"]]
+        err = [0.0 if math.isnan(c["metrics"][k]["std"]) else c["metrics"][k]["std"] for c in s["cells"]]
+        trace = go.Bar if s["study"] == "ablation" else go.Scatter
+        kw = {} if s["study"] == "ablation" else {"mode": "lines+markers"}
+        fig.add_trace(trace(x=x, y=y, error_y={"type": "data", "array": err}, name=results.display(s["method"]),
+                            showlegend=j == 1, marker_color="#1f77b4", text=labels, **kw), row=1, col=j)
+        fig.add_hline(y=s["sft"][k]["mean"], line_dash="dash", line_color="red", row=1, col=j,
+                      annotation_text="SFT" if j == 1 else None)
+    if s["study"] == "lambda":
+        fig.update_xaxes(type="log", title_text="λ")
+    elif s["study"] == "k":
+        fig.update_xaxes(title_text="K", tickvals=list(K_VALUES))
+    fig.update_layout(title=f"{s['study']}: {results.display(s['method'])} on {s['dataset']} "
+                            f"({s['backbone'].upper()}), seeds {', '.join(map(str, s['seeds']))}; red dashed: SFT",
+                      height=420, width=1400)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Sec. 4.5: diversity of SFT and GFlowGR recommendations
+# ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def diversity_of(model: GRModel, cm, t: dict, cfg: train.Config, popularity: np.ndarray, users: torch.Tensor) -> dict:
+    """Diversity numbers of one model over all test users t (tensors of train.to_tensors).
+
+    popularity (I,): training interaction counts, the order of the KL's axis. users: the test
+    samples whose whole distribution P(v|U) over the catalogue is computed (it costs a decode
+    of every item per user).
+    """
+    n_items = model.item_codes.shape[0]
+    topk, _ = train.recommend(model, t, cfg.train, desc="top-10 lists")  # (N, 10)
+    counts = M.item_counts(topk, n_items)  # (I,)
+    order = np.argsort(-popularity, kind="stable")  # most popular first: the axis of the fitted normal
+    # CM scores y_CM(v, U) of each user's recommended items (Sec. 4.5 "Collaborative Scores")
+    r_c = []
+    for chunk in torch.arange(len(topk)).split(cfg.train.eval_batch):
+        hl = t["hist_len"][chunk]
+        items = topk[chunk].to(hl.device)
+        r_c.append(cm.score(train.trim(t["hist"][chunk], hl), hl, items.clamp_min(0)).cpu())
+    r_c = torch.cat(r_c)  # (N, 10)
+    # std (and entropy) of P(v|U) = prod_l P_F over every item, per user, then averaged
+    stds, ents, top_mass = [], [], []
+    for i in tqdm(users.tolist(), desc="P(v|U) over all items", leave=False):
+        hl = t["hist_len"][i : i + 1]
+        p = model.item_log_probs(t["hist"][i : i + 1, : int(hl)], hl).sum(1).exp().cpu()  # (I,)
+        stds.append(float(p.std(unbiased=False)))
+        ents.append(float(-(p * p.clamp_min(1e-30).log()).sum()))
+        top_mass.append(float(p.topk(10).values.sum()))
+    return {
+        "kl_normal": M.kl_to_fitted_normal(counts[order]),
+        "prob_std": float(np.mean(stds)), "prob_entropy": float(np.mean(ents)), "top10_mass": float(np.mean(top_mass)),
+        "cm_mean": float(r_c.mean(1).mean()), "cm_range": float((r_c.amax(1) - r_c.amin(1)).mean()),
+        "cm_std": float(r_c.std(1, unbiased=False).mean()),
+        "coverage@10": M.coverage(counts), "gini@10": M.gini(counts),
+        "hr@10": M.ranking_metrics(topk, t["target"].cpu())["hr@10"],
+        "_counts": counts[order].tolist(), "_r_c": r_c.flatten().tolist(),
+    }
+
+
+DIVERSITY_ROWS = [("kl_normal", "KL(aggregate top-10 distribution ‖ fitted normal)", "lower"),
+                  ("prob_std", "std of P(v|U) over all items (mean over users)", "lower"),
+                  ("prob_entropy", "entropy of P(v|U), nats (mean over users)", "higher"),
+                  ("top10_mass", "P(top-10 items | U) (mean over users)", "lower"),
+                  ("cm_mean", "CM score of recommended items: mean", "–"),
+                  ("cm_range", "CM score of recommended items: range (max − min per list)", "higher"),
+                  ("cm_std", "CM score of recommended items: std (per list)", "higher"),
+                  ("coverage@10", "coverage@10 (share of items recommended)", "higher"),
+                  ("gini@10", "Gini@10 of item recommendation counts", "lower"),
+                  ("hr@10", "HR@10 (for reference)", "higher")]
+
+
+def study_diversity(cfg: train.Config, log=print) -> dict:
+    method, seeds = gflowgr_method(cfg), seeds_of(cfg)
+    device = train.resolve_device(cfg.train.device)
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
+    t = train.to_tensors(splits["test"], device)
+    popularity = data_mod.item_popularity(ds)
+    per = {"sft": [], method: []}
+    for seed in seeds:
+        for name in per:
+            c = study_config(cfg, name, seed, {})
+            log(f"\n=== diversity: {name}, seed {seed} ===")
+            train.run_or_reuse(c, log)
+        c = study_config(cfg, method, seed, {})
+        cm, _ = collab.load_or_train(ds, splits, c.cm, Path(c.train.out) / ds.name, device, log)
+        cm.to(device).eval()
+        n = len(t["target"])
+        k = cfg.train.diversity_users or n
+        users = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(k, n)].sort().values
+        for name in per:
+            log(f"diversity of {name}, seed {seed}: top-10 lists of {n:,} users, P(v|U) over {ds.n_items:,} items "
+                f"for {len(users):,} users")
+            per[name].append(diversity_of(load_model(study_config(cfg, name, seed, {}), device), cm, t, c, popularity, users))
+    rows = {name: {key: _stats([d[key] for d in per[name]]) for key, _, _ in DIVERSITY_ROWS} for name in per}
+    summary = {"study": "diversity", "dataset": cfg.data.dataset, "backbone": cfg.train.backbone, "method": method,
+               "seeds": seeds, "diversity_users": cfg.train.diversity_users, "rows": rows, "paper": PAPER_DIVERSITY,
+               "curves": {name: {"counts_by_popularity": per[name][0]["_counts"], "r_c": per[name][0]["_r_c"]}
+                          for name in per}}
+    name = results.display(method)
+    lines = [f"# Diversity (Sec. 4.5): SFT vs {name}, {cfg.data.dataset} ({cfg.train.backbone.upper()}), "
+             f"all {len(t['target']):,} test users' top-10 lists; P(v|U) over {min(k, n):,} users; seeds "
+             f"{', '.join(map(str, seeds))}", "",
+             f"| measure | more diverse is | SFT | {name} | change |", "|---|---|---|---|---|"]
+    for key, text, better in DIVERSITY_ROWS:
+        a, b = rows["sft"][key]["mean"], rows[method][key]["mean"]
+        change = f"{(b - a) / abs(a) * 100:+.1f}%" if a else "–"
+        lines.append(f"| {text} | {better} | {_fmt(rows['sft'][key])} | {_fmt(rows[method][key])} | {change} |")
+    lines += ["", f"Paper (TIGER, Beauty): {PAPER_DIVERSITY}.", "",
+              "KL: the aggregate distribution of top-10 recommendations over items, items ordered by training "
+              "popularity, against the normal with the same mean and variance on that axis (metrics.kl_to_fitted_normal). "
+              "CM range and std are taken within each user's list, then averaged."]
+    return write_outputs(cfg, "diversity", "\n".join(lines) + "\n", summary, diversity_figure(summary), log)
+
+
+def diversity_figure(s: dict) -> go.Figure:
+    """Left: Lorenz curve of the item recommendation counts (the Gini's curve). Right: CM scores of recommended items."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["Lorenz curve of top-10 recommendation counts",
+                                                        "CM score of recommended items"])
+    colours = {"sft": "#7f7f7f", s["method"]: "#1f77b4"}
+    for name, curve in s["curves"].items():
+        c = np.sort(np.asarray(curve["counts_by_popularity"], dtype=float))
+        share = np.concatenate([[0.0], np.cumsum(c) / max(c.sum(), 1)])
+        x = np.linspace(0, 1, len(share))
+        step = max(1, len(x) // 2000)  # at most ~2,000 points per curve
+        fig.add_trace(go.Scatter(x=x[::step], y=share[::step], name=results.display(name), line_color=colours[name]),
+                      row=1, col=1)
+        fig.add_trace(go.Histogram(x=curve["r_c"], name=results.display(name), marker_color=colours[name], opacity=0.6,
+                                   histnorm="probability", nbinsx=40, showlegend=False), row=1, col=2)
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], name="equal exposure", line={"dash": "dash", "color": "black"}), row=1, col=1)
+    fig.update_xaxes(title_text="share of items (fewest recommendations first)", row=1, col=1)
+    fig.update_yaxes(title_text="share of recommendations", row=1, col=1)
+    fig.update_xaxes(title_text="y_CM(v, U)", row=1, col=2)
+    fig.update_layout(barmode="overlay", title=f"Diversity on {s['dataset']}, seed {s['seeds'][0]}", height=450, width=1200)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Exposure bias where the truth is known (the toy world)
+# ----------------------------------------------------------------------------------------
+
+
+def hidden_positives(ds) -> list[list[int]]:
+    """Per user, the true preferences never observed: true_prefs minus the whole observed sequence."""
+    return [sorted(set(p) - set(s)) for p, s in zip(ds.true_prefs, ds.sequences)]
+
+
+def exposure_of(topk: np.ndarray, target: np.ndarray, hidden: list, tail: list, pop_pct: np.ndarray) -> dict:
+    """recall@10 of the held-out observed item and of the hidden true positives (all, and only the
+    low-exposure half), plus the mean exposure percentile of what is recommended (1 = most exposed)."""
+    topk = np.asarray(topk)
+    return {"recall_observed": M.ranking_metrics(topk, target)["hr@10"],
+            "recall_hidden": M.recall_hidden(topk, hidden, 10),
+            "recall_hidden_tail": M.recall_hidden(topk, tail, 10),
+            "exposure_pct": float(pop_pct[topk[:, :10].clip(0)].mean())}
+
+
+EXPOSURE_ROWS = [("recall_observed", "recall@10, held-out observed item (= HR@10)"),
+                 ("recall_hidden", "recall@10, true preferences never observed"),
+                 ("recall_hidden_tail", "recall@10, hidden preferences of low exposure (below the median propensity)"),
+                 ("exposure_pct", "exposure percentile of recommended items (1 = most exposed)")]
+
+
+def study_exposure(cfg: train.Config, log=print) -> dict:
+    if cfg.data.dataset != "toy":  # say so before loading a large data set
+        raise DataError(f"--study exposure needs a world whose true preferences are known: use --dataset toy "
+                        f"({cfg.data.dataset} records only what users were exposed to)")
+    method, seeds = gflowgr_method(cfg), seeds_of(cfg)
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    if ds.true_prefs is None or ds.item_pop_weight is None:
+        raise DataError(f"--study exposure needs a world whose true preferences are known: use --dataset toy "
+                        f"({cfg.data.dataset} records only what users were exposed to)")
+    device = train.resolve_device(cfg.train.device)
+    splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
+    test = splits["test"]
+    t = train.to_tensors(test, device)
+    hidden_all = hidden_positives(ds)
+    hidden = [hidden_all[u] for u in test.user]
+    w = ds.item_pop_weight
+    pop_pct = np.argsort(np.argsort(w)) / max(len(w) - 1, 1)  # (I,): rank of the exposure propensity in [0, 1]
+    tail = [[i for i in h if w[i] < np.median(w)] for h in hidden]
+    mostpop = np.tile(np.argsort(-data_mod.item_popularity(ds), kind="stable")[:10], (len(test), 1))
+    names = ["sft", method, "cm", "mostpop"]
+    per = {name: [] for name in names}
+    for seed in seeds:
+        for name in ("sft", method):
+            c = study_config(cfg, name, seed, {})
+            log(f"\n=== exposure: {name}, seed {seed} ===")
+            train.run_or_reuse(c, log)
+            topk, _ = train.recommend(load_model(c, device), t, c.train, desc="top-10 lists")
+            per[name].append(exposure_of(topk.numpy(), test.target, hidden, tail, pop_pct))
+        cm, _ = collab.load_or_train(ds, splits, c.cm, Path(c.train.out) / ds.name, device, log)
+        with torch.no_grad():  # the CM's own top-10 over the whole (small) catalogue, history included as for the GR
+            scores = cm.eval().score(t["hist"], t["hist_len"], torch.arange(ds.n_items, device=device).expand(len(test), -1))
+        per["cm"].append(exposure_of(scores.topk(10).indices.cpu().numpy(), test.target, hidden, tail, pop_pct))
+        per["mostpop"].append(exposure_of(mostpop, test.target, hidden, tail, pop_pct))
+    rows = {name: {key: _stats([d[key] for d in per[name]]) for key, _ in EXPOSURE_ROWS} for name in names}
+    tests = {key: results.welch_greater(rows[method][key]["values"], rows["sft"][key]["values"])
+             for key in ("recall_observed", "recall_hidden", "recall_hidden_tail")}
+    obs_pop = float(np.mean([w[i] for s in ds.sequences for i in s]))
+    hid_pop = float(np.mean([w[i] for h in hidden_all for i in h]))
+    summary = {"study": "exposure", "dataset": cfg.data.dataset, "backbone": cfg.train.backbone, "method": method,
+               "seeds": seeds, "rows": rows, "welch_gflowgr_gt_sft": tests,
+               "world": {"mean_propensity_observed": obs_pop, "mean_propensity_hidden": hid_pop,
+                         "users_with_hidden": int(sum(1 for h in hidden if h)),
+                         "mean_hidden_per_user": float(np.mean([len(h) for h in hidden]))}}
+    display = {n: results.display(n) for n in names}
+    lines = [f"# Exposure bias where the truth is known: {cfg.data.dataset}, test users, seeds {', '.join(map(str, seeds))}", "",
+             f"Observed items have mean exposure propensity {obs_pop:.3f}, the true preferences never observed "
+             f"{hid_pop:.3f}: observation favours popular items. Each user has {summary['world']['mean_hidden_per_user']:.1f} "
+             f"hidden true positives on average.", "",
+             "| measure | " + " | ".join(display[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key, text in EXPOSURE_ROWS:
+        lines.append(f"| {text} | " + " | ".join(_fmt(rows[n][key]) for n in names) + " |")
+    lines += ["", f"One-sided Welch t-test, {display[method]} > SFT (needs 2+ seeds): " +
+              ", ".join(f"{k} p = {results._p(v[1])}" for k, v in tests.items()), "",
+              "recall@10 of hidden positives = |top-10 ∩ H_u| / min(10, |H_u|), H_u = true preferences minus every "
+              "observed item (metrics.recall_hidden). CM = the SASRec teacher's own top-10; MostPop = training popularity."]
+    return write_outputs(cfg, "exposure", "\n".join(lines) + "\n", summary, exposure_figure(summary, names), log)
+
+
+def exposure_figure(s: dict, names: list[str]) -> go.Figure:
+    fig = go.Figure()
+    keys = [k for k, _ in EXPOSURE_ROWS]
+    for name in names:
+        r = s["rows"][name]
+        fig.add_trace(go.Bar(x=keys, y=[r[k]["mean"] for k in keys], name=results.display(name),
+                             error_y={"type": "data", "array": [0.0 if math.isnan(r[k]["std"]) else r[k]["std"] for k in keys]}))
+    fig.update_layout(barmode="group", title=f"Exposure bias on {s['dataset']}: recall of observed vs hidden true "
+                                             f"preferences, seeds {', '.join(map(str, s['seeds']))}", height=450, width=1100)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------
+
+
+def run_study(cfg: train.Config, log=print) -> dict:
+    """Run cfg.train.study for cfg.train.seeds (default: cfg.train.seed); returns the summary written to JSON."""
+    cfg = train.finalize(cfg)
+    study = cfg.train.study
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if study in ("ablation", "k", "lambda"):
+        s = run_sweep(cfg, study, log)
+        return write_outputs(cfg, study, sweep_markdown(s), s, sweep_figure(s), log)
+    if study == "diversity":
+        return study_diversity(cfg, log)
+    if study == "exposure":
+        return study_exposure(cfg, log)
+    raise DataError(f"unknown study {study!r}: choose one of {', '.join(train.STUDIES)}")

@@ -1,0 +1,182 @@
+"""The analysis studies (experiments.py) on a small toy world: tables, figures, shared runs,
+reproducibility, and the exposure-bias generator whose truth is known."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data as data_mod
+import experiments
+import train
+from conftest import tiny_config
+from metrics import recall_hidden
+from train import Config, cli, finished, run_dir, variant
+
+
+def study_cfg(out, study: str):
+    """A toy budget for the studies: 200 users, 1 fine-tuning epoch, a small CM."""
+    cfg = tiny_config(out, study=study, diversity_users=40)
+    cfg.data.toy_users = 200
+    cfg.ft.ft_epochs, cfg.ft.head_warmup, cfg.cm.epochs = 1, 3, 5
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """Every study once on toy, all in one runs folder (so they share runs as on Beauty)."""
+    out = tmp_path_factory.mktemp("studies")
+    lines = []
+    got = {s: experiments.run_study(study_cfg(out, s), log=lines.append) for s in train.STUDIES}
+    return out, got, lines
+
+
+def cell(summary, label):
+    return next(c for c in summary["cells"] if c["label"] == label)
+
+
+@pytest.mark.parametrize("study", train.STUDIES)
+def test_each_study_writes_table_json_and_figure(studies, study):
+    out, got, _ = studies
+    stem = out / "results" / f"toy_{study}"
+    md, js, html = (stem.with_suffix(s) for s in (".md", ".json", ".html"))
+    assert md.exists() and js.exists() and html.exists()
+    assert json.loads(js.read_text())["study"] == study
+    text = html.read_text()
+    assert "plotly" in text.lower() and len(text) > 1_000_000  # standalone: plotly.js is inside
+    assert md.read_text().startswith("# ")
+
+
+def test_sweep_tables_hold_the_runs_metrics(studies):
+    out, got, _ = studies
+    abl, k, lam = got["ablation"], got["k"], got["lambda"]
+    assert [c["label"] for c in abl["cells"]] == [label for label, _ in experiments.ABLATION]
+    assert [c["label"] for c in k["cells"]] == ["K=0", "K=1", "K=3", "K=5"]
+    # each cell is the test metric of its run folder
+    for c in abl["cells"] + k["cells"] + lam["cells"]:
+        saved = json.loads((out / c["runs"][0] / "metrics.json").read_text())["test"]
+        assert c["metrics"]["ndcg@10"]["values"] == [saved["ndcg@10"]]
+    # the defaults (K = 3, lambda = 1) and the full ablation column are one run; w/o Traj is K = 0
+    assert cell(abl, "GFlowGR")["runs"] == cell(k, "K=3")["runs"] == cell(lam, "λ=1")["runs"] == ["toy__gflowgr-tb__seed42"]
+    assert cell(abl, "w/o Traj")["runs"] == cell(k, "K=0")["runs"] == ["toy__gflowgr-tb+K0__seed42"]
+    assert cell(abl, "r_a+r_c")["runs"] == ["toy__gflowgr-tb+reward-ra-rc__seed42"]
+    assert cell(lam, "λ=0.01")["runs"] == ["toy__gflowgr-tb+lambda0.01__seed42"]
+    # the dashed SFT line is the SFT checkpoint these runs started from
+    sft = json.loads((out / "toy__gflowgr-tb__seed42" / "metrics.json").read_text())["sft_eval"]["test"]
+    assert k["sft"]["hr@10"]["values"] == [sft["hr@10"]]
+    # 10 ablation columns + K 1, 5 + 4 lambdas: 16 GFlowGR runs, no more (shared runs are trained once)
+    assert len(list(out.glob("toy__gflowgr-tb*__seed42"))) == 16
+
+
+def test_variants_change_what_they_say(studies):
+    out, _, _ = studies
+    cfg = lambda name: json.loads((out / name / "config.json").read_text())
+    assert cfg("toy__gflowgr-tb+reward-ra__seed42")["ft"]["reward"] == "ra"
+    assert cfg("toy__gflowgr-tb+sampler-random__seed42")["sampler"]["sampler"] == "random"
+    assert cfg("toy__gflowgr-tb+no-weight__seed42")["ft"]["weight"] is False
+    assert cfg("toy__gflowgr-tb+lambda100__seed42")["ft"]["lam"] == 100.0
+    # K = 0: the run logged no augmented trajectory (its sampler CM score is nan throughout)
+    rows = [json.loads(x) for x in (out / "toy__gflowgr-tb+K0__seed42" / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["sampler/cm_score"] for r in rows if "sampler/cm_score" in r]
+    assert scores and all(s != s for s in scores)
+
+
+def test_variant_names_and_reuse(tmp_path):
+    c = Config()
+    c.train.method = "gflowgr-tb"
+    assert variant(c) == ""
+    c.sampler.K, c.ft.lam, c.ft.reward, c.ft.weight = 0, 10.0, "ra,rsim", False
+    assert variant(c) == "reward-ra-rsim+K0+no-weight+lambda10"
+    c.train.method = "sft"
+    assert variant(c) == ""  # only GFlowGR runs are study variants
+    # a finished run is reused whatever the runs folder, threads or study that asks for it, not with another lambda
+    cfg = study_cfg(tmp_path, "")
+    cfg.train.method = "gflowgr-tb"
+    cfg = train.finalize(cfg)
+    d = run_dir(cfg)
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text("{}")
+    (d / "config.json").write_text(json.dumps(train.asdict(cfg)))
+    other = train.finalize(study_cfg(tmp_path, "k"))
+    other.train.method, other.train.threads = "gflowgr-tb", 7
+    assert finished(other)
+    other.ft.lam = 2.0
+    assert not finished(other)
+
+
+def test_diversity_numbers(studies):
+    _, got, _ = studies
+    rows = got["diversity"]["rows"]
+    for name in ("sft", "gflowgr-tb"):
+        r = {k: v["mean"] for k, v in rows[name].items()}
+        assert 0 < r["coverage@10"] <= 1 and 0 <= r["gini@10"] < 1
+        assert r["kl_normal"] > 0 and r["prob_std"] > 0
+        assert 0 < r["top10_mass"] <= 1 and 0 <= r["cm_range"] <= 1 and 0 <= r["cm_mean"] <= 1
+        assert r["prob_entropy"] <= np.log(240) + 1e-6  # at most the uniform distribution's entropy
+    # HR@10 in the diversity table is the run's own test HR@10: the same lists were scored
+    saved = json.loads((studies[0] / "toy__gflowgr-tb__seed42" / "metrics.json").read_text())["test"]
+    assert rows["gflowgr-tb"]["hr@10"]["mean"] == pytest.approx(saved["hr@10"])
+
+
+def test_exposure_table(studies):
+    _, got, _ = studies
+    s = got["exposure"]
+    w = s["world"]
+    assert w["mean_propensity_observed"] > 2 * w["mean_propensity_hidden"]
+    for name in ("sft", "gflowgr-tb", "cm", "mostpop"):
+        r = {k: v["mean"] for k, v in s["rows"][name].items()}
+        assert 0 <= r["recall_hidden"] <= 1 and 0 <= r["recall_observed"] <= 1
+    # MostPop recommends the most exposed items: its lists sit at the top of the exposure ranking
+    assert s["rows"]["mostpop"]["exposure_pct"]["mean"] > s["rows"]["sft"]["exposure_pct"]["mean"]
+    # the generative models find hidden true preferences far more often than popularity does
+    assert s["rows"]["sft"]["recall_hidden"]["mean"] > s["rows"]["mostpop"]["recall_hidden"]["mean"] + 0.1
+
+
+def test_study_rerun_is_reproducible(studies, tmp_path):
+    """Same seed, same numbers: a variant retrained from the same cached stages in a fresh folder,
+    and the analysis of the same runs repeated, give identical values."""
+    out, got, _ = studies
+    shutil.copytree(out / "toy", tmp_path / "toy")  # the cached IDs, SFT and CM stages
+    cfg = study_cfg(tmp_path, "")
+    again = train.main(experiments.study_config(cfg, "gflowgr-tb", 42, {"sampler.K": 1}), log=lambda *a: None)
+    first = cell(got["k"], "K=1")["metrics"]
+    assert {k: again["test"][k] for k in first} == {k: v["values"][0] for k, v in first.items()}
+    div = experiments.run_study(study_cfg(out, "diversity"), log=lambda *a: None)
+    assert div["rows"] == got["diversity"]["rows"]
+
+
+# ---------------------------------------------------------------- the exposure-biased toy world
+
+
+def test_toy_observations_are_exposure_biased():
+    ds = data_mod.make_toy(n_users=300, seed=3)
+    w = ds.item_pop_weight
+    observed = [i for s in ds.sequences for i in s]
+    hidden = [i for h in experiments.hidden_positives(ds) for i in h]
+    # observed items were drawn with probability ~ propensity: far more popular than the liked-but-unseen
+    assert np.mean(w[observed]) > 3 * np.mean(w[hidden])
+    # every hidden item is a true preference the user never interacted with
+    for s, p, h in zip(ds.sequences, ds.true_prefs, experiments.hidden_positives(ds)):
+        assert set(h) <= set(p) and not set(h) & set(s) and set(s) <= set(p)
+
+
+def test_oracle_recommender_scores_recall_one():
+    ds = data_mod.make_toy(n_users=100, seed=1)
+    hidden = experiments.hidden_positives(ds)
+    # the oracle lists 10 of the user's hidden true preferences (all of them when fewer), padded with -1
+    oracle = np.array([(h[:10] + [-1] * 10)[:10] for h in hidden])
+    assert recall_hidden(oracle, hidden, 10) == pytest.approx(1.0)
+    # an anti-oracle that lists only observed items scores 0
+    observed = np.array([(s[:10] + [-1] * 10)[:10] for s in ds.sequences])
+    assert recall_hidden(observed, hidden, 10) == 0.0
+
+
+def test_study_errors(tmp_path, capsys):
+    assert cli(["--dataset", "toy", "--study", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown study 'nope'" in capsys.readouterr().err
+    assert cli(["--dataset", "beauty", "--study", "exposure", "--out", str(tmp_path)]) == 2
+    assert "use --dataset toy" in capsys.readouterr().err
+    assert cli(["--dataset", "toy", "--study", "ablation", "--method", "dpo", "--out", str(tmp_path)]) == 2
+    assert "--method gflowgr-tb" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing half written
