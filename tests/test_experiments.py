@@ -46,6 +46,8 @@ def test_each_study_writes_table_json_and_figure(studies, study):
     text = html.read_text()
     assert "plotly" in text.lower() and len(text) > 1_000_000  # standalone: plotly.js is inside
     assert md.read_text().startswith("# ")
+    if study in ("ablation", "k", "lambda"):  # the SFT level, dashed, labelled in each metric's panel
+        assert text.count('"text":"SFT"') == 4 and '"dash":"dash"' in text
 
 
 def test_sweep_tables_hold_the_runs_metrics(studies):
