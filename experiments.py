@@ -235,7 +235,7 @@ def sweep_figure(s: dict) -> go.Figure:
         trace = go.Bar if s["study"] == "ablation" else go.Scatter
         kw = {} if s["study"] == "ablation" else {"mode": "lines+markers"}
         fig.add_trace(trace(x=x, y=y, error_y={"type": "data", "array": err}, name=results.display(s["method"]),
-                            showlegend=j == 1, marker_color="#1f77b4", text=labels, **kw), row=1, col=j)
+                            showlegend=j == 1, marker_color="#1f77b4", hovertext=labels, **kw), row=1, col=j)
         fig.add_hline(y=s["sft"][k]["mean"], line_dash="dash", line_color="red", row=1, col=j, annotation_text="SFT")
     if s["study"] == "lambda":
         fig.update_xaxes(type="log", title_text="λ")
