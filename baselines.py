@@ -77,6 +77,19 @@ class Baseline:
         return [] if self.value_head is None else list(self.value_head.parameters())
 
     @torch.no_grad()
+    def state(self) -> dict:
+        """What a resumed run needs back (train.finetune): the value head, the random generator and
+        DPO's pairs (drawn once for the whole run). The reference model and the self-play pairs of
+        SPRec / IPA are rebuilt by start_epoch from the restored model."""
+        return {"gen": self.gen.get_state(), "pairs": self.pairs,
+                "value_head": self.value_head.state_dict() if self.value_head is not None else None}
+
+    def load_state(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.pairs = state["pairs"]
+        if self.value_head is not None:
+            self.value_head.load_state_dict(state["value_head"])
+
     def start_epoch(self, epoch: int, train_t: dict) -> None:
         """Build this round's (chosen, rejected) pairs; refresh the round-start reference."""
         target = train_t["target"].cpu()

@@ -279,11 +279,12 @@ def finished(cfg: Config) -> bool:
         done = config_from_dict(json.loads((d / "config.json").read_text()))
     except json.JSONDecodeError:
         return False
+    return run_identity(done) == run_identity(cfg)
 
-    def identity(c: Config) -> dict:  # what makes the run: not who asked for it or how fast it ran
-        return json.loads(json.dumps({**asdict(c), "train": {k: v for k, v in asdict(c.train).items() if k not in NOT_RUN_SETTINGS}}))
 
-    return identity(done) == identity(cfg)
+def run_identity(cfg: Config) -> dict:
+    """What makes a run's result: its config, not who asked for it or how fast it ran."""
+    return json.loads(json.dumps({**asdict(cfg), "train": {k: v for k, v in asdict(cfg.train).items() if k not in NOT_RUN_SETTINGS}}))
 
 
 def run_or_reuse(cfg: Config, log=print) -> dict:
@@ -337,6 +338,40 @@ def atomic_write_json(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """Every random generator a training loop draws from implicitly (dropout, numpy, random)."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["random"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def load_resume(path: Path, identity: dict, what: str, log=print) -> dict | None:
+    """The per-epoch resume state at path if it belongs to this very configuration, else None.
+
+    Written atomically at the end of every epoch (`atomic_save`), so it is never half written
+    by a crash; an unreadable file (a disk error) or one from another config is reported and
+    ignored, and the stage starts afresh.
+    """
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states need pickle
+    except Exception as e:  # torch raises many kinds on a damaged file
+        log(f"[resume] {path} is unreadable ({type(e).__name__}): {what} starts afresh")
+        return None
+    if state.get("identity") != identity:
+        log(f"[resume] {path} belongs to another configuration: {what} starts afresh")
+        return None
+    return state
 
 
 def peak_memory_mb() -> float:
@@ -458,20 +493,36 @@ def mostpop_metrics(ds, splits: dict[str, Split], k: int) -> dict[str, dict]:
 class JsonlLogger:
     """Append training curves to metrics.jsonl, one JSON object per line, keys grouped by prefix."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_bytes: int | None = None):
+        """resume_bytes: continue an interrupted run's file, cut back to its length at the checkpoint."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.f = path, open(path, "w")
+        self.path = path
+        if resume_bytes is not None and path.exists():
+            self.f = open(path, "r+")
+            self.f.truncate(resume_bytes)
+            self.f.seek(resume_bytes)
+        else:
+            self.f = open(path, "w")
 
     def log(self, **row) -> None:
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
 
+    def tell(self) -> int:
+        return self.f.tell()
+
     def close(self) -> None:
         self.f.close()
 
 
-def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg: TrainConfig, logger: JsonlLogger, log=print) -> dict:
-    """Minimise L_GR (Eq. 1) with AdamW, warm-up + cosine schedule, early stopping on valid NDCG@10."""
+def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg: TrainConfig, logger: JsonlLogger, log=print,
+              resume_path: Path | None = None, resume: dict | None = None) -> dict:
+    """Minimise L_GR (Eq. 1) with AdamW, warm-up + cosine schedule, early stopping on valid NDCG@10.
+
+    After every epoch the whole training state (model, optimiser, schedule, batch order and
+    random generators, best epoch so far) is saved atomically to resume_path; `resume` (that
+    state, loaded) continues from it, giving the same result as an uninterrupted run.
+    """
     params_decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n and "pos" not in n]
     params_rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n and "pos" not in n)]
     opt = torch.optim.AdamW([{"params": params_decay, "weight_decay": cfg.weight_decay},
@@ -491,8 +542,17 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg: TrainConfig, lo
     if 0 < cfg.eval_users < n_valid:  # fixed subsample, the same for every epoch
         eval_idx = torch.randperm(n_valid, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_users]
     best = {"ndcg@10": -1.0, "epoch": -1, "state": None}
-    step, bad, t_train, n_seen = 0, 0, 0.0, 0
-    for epoch in range(cfg.epochs):
+    step, bad, t_train, n_seen, start = 0, 0, 0.0, 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+        gen.set_state(resume["gen"])
+        set_rng_state(resume["rng"])
+        best, step, bad, t_train, n_seen, start = (resume[k] for k in ("best", "step", "bad", "t_train", "n_seen", "epoch"))
+        log(f"[resume] SFT continues after epoch {start} of {cfg.epochs} ({resume_path})")
+    epoch, stop = start - 1, False
+    for epoch in range(start, cfg.epochs):
         model.train()
         t0 = time.time()
         bar = tqdm(length_bucketed_batches(train_t["hist_len"].cpu(), cfg.batch_size, gen), desc=f"sft epoch {epoch + 1}/{cfg.epochs}", leave=False)
@@ -530,9 +590,15 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg: TrainConfig, lo
             bad = 0
         else:
             bad += 1
-            if bad >= cfg.patience:
-                log(f"early stop: no better valid NDCG@10 for {cfg.patience} epochs (best epoch {best['epoch']})")
-                break
+            stop = bad >= cfg.patience
+        if resume_path is not None and not stop and epoch + 1 < cfg.epochs:
+            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                         "gen": gen.get_state(), "rng": rng_state(), "best": best, "step": step, "bad": bad,
+                         "t_train": t_train, "n_seen": n_seen, "epoch": epoch + 1, "log_bytes": logger.tell(),
+                         "identity": resume.get("identity") if resume else None}, resume_path)
+        if stop:
+            log(f"early stop: no better valid NDCG@10 for {cfg.patience} epochs (best epoch {best['epoch']})")
+            break
     model.load_state_dict(best["state"])
     return {"best_epoch": best["epoch"], "step": best["step"], "epochs_run": epoch + 1, "train_seconds": t_train,
             "samples_per_s": n_seen / max(t_train, 1e-9)}
@@ -554,12 +620,17 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
     model = GRModel(cfg.model, trie).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[stage] SFT: {n_params / 1e6:.2f}M parameters, {len(splits['train']):,} training samples, device {device}")
-    logger = JsonlLogger(stage / "metrics.jsonl")
-    info = train_sft(model, to_tensors(splits["train"], device), to_tensors(splits["valid"], device), t, logger, log)
+    # the stage folder is keyed by the config, so any resume state in it is this config's
+    resume_path = stage / "resume.pt"
+    resume = load_resume(resume_path, None, "SFT", log)
+    logger = JsonlLogger(stage / "metrics.jsonl", resume["log_bytes"] if resume else None)
+    info = train_sft(model, to_tensors(splits["train"], device), to_tensors(splits["valid"], device), t, logger, log,
+                     resume_path, resume)
     logger.close()
     info["n_params"] = n_params
     atomic_save({"model": model.state_dict(), "model_args": model.model_args(), "step": info["step"],
                  "config": asdict(cfg), "info": info}, ckpt_path)
+    resume_path.unlink(missing_ok=True)
     return model, info, stage
 
 
@@ -620,8 +691,13 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     return loss, parts, stats
 
 
-def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, method: str, logger: JsonlLogger, log=print):
+def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, method: str, logger: JsonlLogger, log=print,
+             resume_path: Path | None = None, resume: dict | None = None):
     """Fine-tune the SFT backbone for ft_epochs; keep the epoch with the best valid NDCG@10.
+
+    After every epoch the whole state (backbone, heads, optimiser, schedule, batch order,
+    sampler and other random generators, best epoch) is saved atomically to resume_path;
+    `resume` (that state, loaded, see load_resume) continues from it to the same result.
 
     gflowgr-tb / gflowgr-db minimise Eq. (8) (Eq. 7 with --no-weight); sft-continued
     minimises Eq. (1) alone with the same optimiser, steps and schedule, so that any gain of
@@ -667,15 +743,28 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
     eval_idx = None
     if 0 < t.eval_users < len(valid_t["target"]):
         eval_idx = torch.randperm(len(valid_t["target"]), generator=torch.Generator().manual_seed(t.seed))[: t.eval_users]
-    if objective:  # centre the first TB / DB residuals (see GFlowNetHeads.init_offset)
+    best = {"ndcg@10": -1.0}
+    step, t_train, n_seen, start = 0, 0.0, 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        heads.load_state_dict(resume["heads"])
+        if baseline is not None:
+            baseline.load_state(resume["baseline"])
+        if sampler is not None:
+            sampler.gen.set_state(resume["sampler_gen"])
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+        gen.set_state(resume["gen"])
+        set_rng_state(resume["rng"])
+        best, step, t_train, n_seen, start = (resume[k] for k in ("best", "step", "t_train", "n_seen", "epoch"))
+        log(f"[resume] {method} continues after epoch {start} of {ft.ft_epochs} ({resume_path})")
+    elif objective:  # centre the first TB / DB residuals (see GFlowNetHeads.init_offset)
         with torch.no_grad():
             b = torch.randperm(len(train_t["target"]), generator=torch.Generator().manual_seed(t.seed))[: t.batch_size].to(device)
             hl = train_t["hist_len"][b]
             _, parts0, _ = gflowgr_step(model, heads, cm, sampler, trim(train_t["hist"][b], hl), hl, train_t["target"][b], 0.0, cfg, objective, prior)
             heads.init_offset(float(parts0["gfn/balance_offset"]))
-    best = {"ndcg@10": -1.0}
-    step, t_train, n_seen = 0, 0.0, 0
-    for epoch in range(ft.ft_epochs):
+    for epoch in range(start, ft.ft_epochs):
         if baseline is not None:
             baseline.start_epoch(epoch, train_t)
         model.train()
@@ -720,6 +809,13 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
         if improved:
             best = {"ndcg@10": val["ndcg@10"], "epoch": epoch + 1, "step": step,
                     "state": copy.deepcopy(model.state_dict()), "heads": copy.deepcopy(heads.state_dict())}
+        if resume_path is not None and epoch + 1 < ft.ft_epochs:
+            atomic_save({"model": model.state_dict(), "heads": heads.state_dict(),
+                         "baseline": baseline.state() if baseline is not None else None,
+                         "sampler_gen": sampler.gen.get_state() if sampler is not None else None,
+                         "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(), "rng": rng_state(),
+                         "best": best, "step": step, "t_train": t_train, "n_seen": n_seen, "epoch": epoch + 1,
+                         "log_bytes": logger.tell(), "identity": run_identity(cfg)}, resume_path)
     model.load_state_dict(best["state"])
     heads.load_state_dict(best["heads"])
     info = {"best_epoch": best["epoch"], "step": best["step"], "train_seconds": t_train,
@@ -859,10 +955,13 @@ def main(cfg: Config, log=print) -> dict:
         timing["cm_s"] = time.time() - t0
         sft_model = copy.deepcopy(model).eval()
         tensors = {name: to_tensors(splits[name], device) for name in ("train", "valid", "test")}
-        logger = JsonlLogger(out_dir / "metrics.jsonl")
+        resume_path = out_dir / "resume.pt"
+        resume = load_resume(resume_path, run_identity(cfg), t.method, log)
+        logger = JsonlLogger(out_dir / "metrics.jsonl", resume["log_bytes"] if resume else None)
         t0 = time.time()
         log(f"[stage] {t.method}: {cfg.ft.ft_epochs} epochs from the SFT checkpoint")
-        heads, sampler, ft_info = finetune(model, cm, tensors["train"], tensors["valid"], cfg, t.method, logger, log)
+        heads, sampler, ft_info = finetune(model, cm, tensors["train"], tensors["valid"], cfg, t.method, logger, log,
+                                           resume_path, resume)
         logger.close()
         timing["finetune_s"] = time.time() - t0
         t0 = time.time()
@@ -887,6 +986,7 @@ def main(cfg: Config, log=print) -> dict:
     if inspect is not None:
         atomic_write_json(inspect, out_dir / "inspect.json")
     atomic_write_json(result, out_dir / "metrics.json")
+    (out_dir / "resume.pt").unlink(missing_ok=True)  # finished: nothing to resume
 
     log("\n" + format_table([(split, name, m[split]) for split in ("test", "valid") for name, m in rows.items()]))
     log(f"\nrun folder: {out_dir}   total {timing['total_s']:.0f}s")
