@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
+import cache
 from data import Dataset, Split
 from metrics import ranking_metrics
 
@@ -328,15 +328,13 @@ def load_or_train(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, out_
     Returns (model in eval mode, info as from train_sasrec).
     """
     path = Path(out_root) / f"cm-{cm_key(ds, cfg)}" / "checkpoint.pt"
-    if path.exists():
+    ckpt = cache.load(path, "collaborative model", log, map_location=device)  # None if absent or damaged
+    if ckpt is not None:
         log(f"[cache] collaborative model: {path} (skipping training)")
-        ckpt = torch.load(path, map_location=device)
         return SASRec.from_state(ckpt["model_args"], ckpt["model"]).to(device).eval(), ckpt["info"]
     model, info = train_sasrec(ds, splits, cfg, device=device, log=log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # write, then rename: never a half-written checkpoint
-    torch.save({"model": model.state_dict(), "model_args": model.model_args(), "info": info}, tmp)
-    os.replace(tmp, path)
+    # atomic, with its size and checksum recorded (cache.py)
+    cache.save({"model": model.state_dict(), "model_args": model.model_args(), "info": info}, path)
     return model, info
 
 

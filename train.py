@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import cache
 import collab
 import results
 from baselines import BASELINES, Baseline, BaselineConfig
@@ -392,28 +393,28 @@ def semantic_ids(ds, cfg: Config, log=print, cf_emb: torch.Tensor | None = None)
     tok = cfg.tok
     emb_key = stage_key(ds.name, fingerprint(ds.texts()), tok.embedder, tok.emb_dim if tok.embedder == "tfidf" else None)
     emb_path = root / f"emb-{emb_key}" / "emb.pt"
-    if emb_path.exists():
+    emb = cache.load(emb_path, "item embeddings", log)
+    if emb is not None:
         log(f"[cache] item embeddings: {emb_path}")
-        emb = torch.load(emb_path)
     else:
         t0 = time.time()
         emb = embed_texts(ds.texts(), tok)
-        atomic_save(emb, emb_path)
+        cache.save(emb, emb_path)
         log(f"[stage] item embeddings ({tok.embedder}) {tuple(emb.shape)} in {time.time() - t0:.1f}s -> {emb_path}")
     # LETTER's fields only key LETTER IDs (so adding them kept every RQ-VAE cache valid)
     tok_key = {k: v for k, v in asdict(tok).items() if tok.id_method == "letter" or not k.startswith("letter_")}
     cf_key = [hashlib.sha256(cf_emb.numpy().tobytes()).hexdigest()[:16]] if tok.id_method == "letter" else []
     ids_key = stage_key(emb_key, tok_key, cfg.train.seed, *cf_key)
     ids_path = root / f"ids-{ids_key}" / "codes.pt"
-    if ids_path.exists():
+    saved = cache.load(ids_path, "semantic IDs", log)
+    if saved is not None:
         log(f"[cache] semantic IDs: {ids_path}")
-        saved = torch.load(ids_path)
         codes, report = saved["codes"], saved["report"]
     else:
         t0 = time.time()
         codes, report = build_semantic_ids(emb, tok, seed=cfg.train.seed, log=log, cf_emb=cf_emb)
         report["seconds"] = time.time() - t0
-        atomic_save({"codes": codes, "report": report}, ids_path)
+        cache.save({"codes": codes, "report": report}, ids_path)
         log(f"[stage] semantic IDs ({tok.id_method}) in {report['seconds']:.1f}s -> {ids_path}")
     log(f"        codebook usage per level {report['usage_per_level']} of {report['codebook_size']}, "
         f"collision rate before dedup {report['collision_rate']:.2%} (max {report['max_items_per_id']} items per ID)")
@@ -611,11 +612,12 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
                     {k: v for k, v in asdict(t).items() if k not in NOT_SFT_SETTINGS})
     stage = Path(t.out) / ds.name / f"sft-{key}"
     ckpt_path = stage / "checkpoint.pt"
-    if ckpt_path.exists():
+    ckpt = cache.load(ckpt_path, "SFT checkpoint", log, map_location=device)
+    if ckpt is not None:
         log(f"[cache] SFT checkpoint: {ckpt_path} (skipping training)")
-        ckpt = torch.load(ckpt_path, map_location=device)
         model = GRModel.from_state(ckpt["model_args"], ckpt["model"]).to(device)
         return model, ckpt["info"], stage
+    (stage / "eval.json").unlink(missing_ok=True)  # the evaluation of a checkpoint that is gone
     set_seed(t.seed)
     model = GRModel(cfg.model, trie).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -628,8 +630,8 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
                      resume_path, resume)
     logger.close()
     info["n_params"] = n_params
-    atomic_save({"model": model.state_dict(), "model_args": model.model_args(), "step": info["step"],
-                 "config": asdict(cfg), "info": info}, ckpt_path)
+    cache.save({"model": model.state_dict(), "model_args": model.model_args(), "step": info["step"],
+                "config": asdict(cfg), "info": info}, ckpt_path)
     resume_path.unlink(missing_ok=True)
     return model, info, stage
 
@@ -928,10 +930,14 @@ def main(cfg: Config, log=print) -> dict:
     timing["sft_s"] = time.time() - t0
 
     eval_path = stage / "eval.json"
+    sft_ev = None
     if eval_path.exists():  # evaluation of a cached checkpoint is deterministic: reuse it
-        log(f"[cache] SFT evaluation: {eval_path}")
-        sft_ev = json.loads(eval_path.read_text())
-    else:
+        try:
+            sft_ev = json.loads(eval_path.read_text())
+            log(f"[cache] SFT evaluation: {eval_path}")
+        except json.JSONDecodeError:
+            log(f"[cache] SFT evaluation {eval_path} is damaged (not JSON): evaluating again")
+    if sft_ev is None:
         t0 = time.time()
         sft_ev = {name: evaluate(model, to_tensors(splits[name], device), t, desc=name) for name in ("valid", "test")}
         sft_ev["eval_seconds"] = time.time() - t0

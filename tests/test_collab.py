@@ -152,7 +152,7 @@ def test_cache_round_trip(toy, trained, tmp_path):
     assert any(s.startswith("[cache] collaborative model:") for s in second_log)
     assert info1 == info2 and not m2.training
     (ckpt_dir,) = tmp_path.glob("cm-*")
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint.pt"]  # no .tmp left behind
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint.pt", "checkpoint.pt.sha256"]  # no .tmp left behind
     assert {"model", "model_args", "info"} <= set(torch.load(ckpt_dir / "checkpoint.pt"))
     v = splits["valid"]
     hist, hist_len = torch.from_numpy(v.hist), torch.from_numpy(v.hist_len)

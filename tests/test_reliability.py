@@ -22,8 +22,8 @@ def start(out: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def kill_when(proc: subprocess.Popen, path_glob: tuple[Path, str], timeout: float = 120) -> None:
-    """SIGKILL proc as soon as a file matching the glob appears (the first per-epoch checkpoint)."""
+def kill_when(proc: subprocess.Popen, path_glob: tuple[Path, str], timeout: float = 120) -> str:
+    """SIGKILL proc as soon as a file matching the glob appears (the first per-epoch checkpoint); its output."""
     folder, pattern = path_glob
     end = time.time() + timeout
     while time.time() < end:
@@ -32,7 +32,7 @@ def kill_when(proc: subprocess.Popen, path_glob: tuple[Path, str], timeout: floa
         if folder.exists() and any(folder.glob(pattern)):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            return
+            return proc.stdout.read()
         time.sleep(0.02)
     proc.kill()
     raise AssertionError("no checkpoint appeared in time")
@@ -56,8 +56,12 @@ def test_killed_in_sft_and_in_gflowgr_resumes_to_the_same_numbers(uninterrupted,
     kill_when(start(tmp_path), (tmp_path / "toy", "sft-*/resume.pt"))
     assert not list((tmp_path / "toy").glob("sft-*/checkpoint.pt"))  # SFT had not finished
     # 2. the same command resumes SFT, says so; killed again inside GFlowGR fine-tuning
-    proc = start(tmp_path)
-    kill_when(proc, (tmp_path / RUN, "resume.pt"))
+    out = kill_when(start(tmp_path), (tmp_path / RUN, "resume.pt"))
+    assert "[resume] SFT continues after epoch" in out
+    stage = next((tmp_path / "toy").glob("sft-*"))
+    assert (stage / "checkpoint.pt").exists() and not (stage / "resume.pt").exists()
+    rows = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "eval/valid_ndcg@10" in r] == [1, 2, 3, 4, 5]  # cut back, not repeated
     # 3. and again: resumes the fine-tuning and finishes
     out = finish(start(tmp_path))
     assert "[resume] gflowgr-tb continues after epoch" in out
@@ -72,12 +76,43 @@ def test_killed_in_sft_and_in_gflowgr_resumes_to_the_same_numbers(uninterrupted,
     assert epochs == [1, 2, 3]
 
 
-def test_sft_resume_message(tmp_path):
-    kill_when(start(tmp_path), (tmp_path / "toy", "sft-*/resume.pt"))
-    proc = start(tmp_path)
-    out = finish(proc)
-    assert "[resume] SFT continues after epoch" in out
-    stage = next((tmp_path / "toy").glob("sft-*"))
-    assert (stage / "checkpoint.pt").exists() and not (stage / "resume.pt").exists()
-    rows = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows if "eval/valid_ndcg@10" in r] == [1, 2, 3, 4, 5]
+def test_damaged_cache_files_are_reported_and_redone(tmp_path):
+    """A truncated SFT checkpoint, a truncated ID file and a CM checkpoint with one byte changed:
+    each is detected on load (size / checksum), said, and that stage redone to the same result."""
+    from conftest import tiny_config
+    from train import main
+
+    cfg = tiny_config(tmp_path, method="gflowgr-tb")
+    cfg.ft.ft_epochs, cfg.cm.epochs = 1, 3
+    first = main(cfg, log=lambda *a: None)
+    stage = tmp_path / "toy"
+    sft, ids, cm = (next(stage.glob(g)) for g in ("sft-*/checkpoint.pt", "ids-*/codes.pt", "cm-*/checkpoint.pt"))
+    for f in (sft, ids):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated, as by a full disk
+    raw = bytearray(cm.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, one byte flipped
+    cm.write_bytes(bytes(raw))
+    lines = []
+    again = main(cfg, log=lines.append)
+    text = "\n".join(map(str, lines))
+    assert f"SFT checkpoint {sft} is damaged" in text and "truncated" in text
+    assert f"semantic IDs {ids} is damaged" in text
+    assert f"collaborative model {cm} is damaged" in text and "SHA-256" in text
+    assert "[stage] SFT" in text  # retrained, not loaded
+    assert again["test"] == first["test"] and again["sft_eval"]["test"] == first["sft_eval"]["test"]
+    # the redone files are whole again and verify on the next load
+    lines.clear()
+    main(cfg, log=lines.append)
+    assert " is damaged:" not in "\n".join(map(str, lines))
+
+
+def test_cache_accepts_old_files_without_checksum(tmp_path):
+    import torch
+
+    import cache
+
+    path = tmp_path / "x.pt"
+    torch.save({"a": 1}, path)  # written before checksums were recorded
+    assert cache.load(path, "old file") == {"a": 1}
+    assert (tmp_path / "x.pt.sha256").exists()  # recorded now
+    assert cache.load(tmp_path / "missing.pt", "nothing") is None
