@@ -22,6 +22,7 @@ Usage:  ds = load_dataset(DataConfig(dataset="beauty")); splits = split_leave_on
 """
 
 import ast
+import dataclasses
 import gzip
 import html
 import itertools
@@ -158,8 +159,33 @@ def load_dataset(cfg: DataConfig, verbose: bool = True) -> Dataset:
         ds = _load_yelp(resolve_data_dir(cfg.data_dir))
     else:
         raise DataError(f"unknown data set {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
+    ds = check_dataset(ds, verbose)
     if verbose:
         print(stats_line(ds))
+    return ds
+
+
+def check_dataset(ds: Dataset, verbose: bool = True) -> Dataset:
+    """Reject items without text; drop users with fewer than 3 interactions, saying how many.
+
+    The tokenizer embeds each item's text, so an item with neither title nor attributes has no
+    semantic ID to learn. Leave-one-out needs a training, a validation and a test item per
+    user; shorter users are dropped, as the standard preprocessing (5-core) does.
+    """
+    empty = [i for i, text in enumerate(ds.texts()) if not text]
+    if empty:
+        raise DataError(f"{ds.name}: {len(empty)} items have no text (no title and no attributes), e.g. item "
+                        f"{', '.join(map(str, empty[:5]))}. The tokenizer needs a text per item: add a title or "
+                        f"attributes in the items file, or remove those items.")
+    keep = [u for u, s in enumerate(ds.sequences) if len(s) >= 3]
+    if len(keep) < ds.n_users:
+        if verbose:
+            print(f"{ds.name}: dropped {ds.n_users - len(keep):,} users with fewer than 3 interactions "
+                  f"(leave-one-out needs a train, a valid and a test item each)")
+        ds = dataclasses.replace(ds, sequences=[ds.sequences[u] for u in keep],
+                                 true_prefs=[ds.true_prefs[u] for u in keep] if ds.true_prefs is not None else None)
+    if not ds.n_users:
+        raise DataError(f"{ds.name}: no user has 3 or more interactions, so there is nothing to train or test on")
     return ds
 
 

@@ -263,6 +263,11 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="runs", help="folder holding the run folders")
     p.add_argument("--out", default="results", help="folder for the table files")
     a = p.parse_args(argv)
+    if not Path(a.runs).is_dir():
+        print(f"error: the runs folder {a.runs} does not exist: train first (python train.py --dataset {a.dataset} "
+              f"--method all --seeds {' '.join(map(str, a.seeds))}) or point --runs at the folder that holds the runs",
+              file=sys.stderr)
+        return 2
     got = collect(a.runs, a.dataset, a.backbone, BASELINES + GFLOWGR + REFERENCE, a.seeds)
     summary = summarise(got["values"], BASELINES, GFLOWGR, REFERENCE)
     summary["missing"] = got["missing"]

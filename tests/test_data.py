@@ -182,7 +182,10 @@ def test_beauty_built_from_raw_then_cached(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "download", fake_download)
     root = tmp_path / "data"
-    ds = data.load_dataset(DataConfig(dataset="beauty", data_dir=str(root)), verbose=False)
+    # the fixture's item 0 ("IE") has no metadata, so no text: load_dataset stops and names it
+    with pytest.raises(DataError, match="1 items have no text .* item 0"):
+        data.load_dataset(DataConfig(dataset="beauty", data_dir=str(root)), verbose=False)
+    ds = data._load_beauty(root, verbose=False)  # the loader itself, before that check
     assert calls == [data.AMAZON_URL + data.BEAUTY_REVIEWS, data.AMAZON_URL + data.BEAUTY_META]
     assert ds.sequences == EXPECTED_SEQUENCES
     assert ds.titles == [EXPECTED_TITLES[a] for a in EXPECTED_ASINS]
@@ -192,7 +195,7 @@ def test_beauty_built_from_raw_then_cached(tmp_path, monkeypatch):
 
     # Second load reads the processed files: no download, same data.
     monkeypatch.setattr(data, "download", offline_download)
-    again = data.load_dataset(DataConfig(dataset="beauty", data_dir=str(root)), verbose=False)
+    again = data._load_beauty(root, verbose=False)
     assert again.sequences == ds.sequences and again.texts() == ds.texts()
 
 
@@ -391,3 +394,22 @@ def test_real_yelp():
     splits = data.split_leave_one_out(ds)
     assert [len(splits[k]) for k in ("train", "valid", "test")] == [225_061, 30_431, 30_431]
     assert ds.titles[0] == "The Great Greek" and ds.attributes[0] == ["Diners", "Greek", "Mediterranean", "Restaurants"]
+
+
+def test_users_with_fewer_than_three_interactions_are_dropped_with_a_count(capsys):
+    ds = Dataset("short", [[0, 1, 2], [1, 0], [2], [2, 1, 0, 1]], ["a", "b", "c"], [[], [], []],
+                 true_prefs=[[0, 1, 2], [0, 1], [2], [0, 1, 2]])
+    kept = data.check_dataset(ds)
+    assert kept.sequences == [[0, 1, 2], [2, 1, 0, 1]] and kept.true_prefs == [[0, 1, 2], [0, 1, 2]]
+    assert "dropped 2 users with fewer than 3 interactions" in capsys.readouterr().out
+    assert {k: len(v) for k, v in data.split_leave_one_out(kept).items()} == {"train": 1, "valid": 2, "test": 2}
+    with pytest.raises(DataError, match="no user has 3 or more"):
+        data.check_dataset(Dataset("tiny", [[0, 1]], ["a", "b"], [[], []]), verbose=False)
+
+
+def test_items_without_text_are_named():
+    ds = Dataset("notext", [[0, 1, 2]], ["a", "", " "], [["brand"], [], []])
+    with pytest.raises(DataError, match=r"2 items have no text .* e\.g\. item 1, 2\. .*add a title or attributes"):
+        data.check_dataset(ds)
+    # a title-less item described by its attributes (7 such items in Beauty) is fine
+    assert data.check_dataset(Dataset("ok", [[0, 1, 2]], ["a", "", "c"], [[], ["Brand X"], []]), verbose=False).n_items == 3
