@@ -10,6 +10,10 @@ reported, deleted, and `load` returns None so that the caller redoes the stage.
 Files written before checksums were recorded have no `.sha256`: they are accepted if they
 load, and their checksum is recorded then.
 
+Resume states (a training stage's whole state at the end of an epoch: model, optimiser,
+schedule, batch order, random generators) are saved the same way; `load_resume` returns one
+only if it belongs to the same configuration.
+
 Usage: `cache.save(obj, path)`; `obj = cache.load(path, "SFT checkpoint", log)  # None: redo the stage`
 """
 from __future__ import annotations
@@ -19,6 +23,9 @@ import json
 import os
 from pathlib import Path
 
+import random
+
+import numpy as np
 import torch
 
 
@@ -48,8 +55,12 @@ def save(obj, path: Path) -> None:
     os.replace(side_tmp, side)
 
 
-def load(path: Path, what: str, log=print, map_location=None):
-    """The object cached at path, or None if it is absent or damaged (then it is deleted and said so)."""
+def load(path: Path, what: str, log=print, map_location=None, trusted: bool = False):
+    """The object cached at path, or None if it is absent or damaged (then it is deleted and said so).
+
+    trusted: a file this code wrote itself that holds more than tensors (random-generator
+    states): unpickled in full (torch.load weights_only=False).
+    """
     path = Path(path)
     if not path.exists():
         return None
@@ -70,7 +81,7 @@ def load(path: Path, what: str, log=print, map_location=None):
     obj = None
     if problem is None:
         try:
-            obj = torch.load(path, map_location=map_location)
+            obj = torch.load(path, map_location=map_location, weights_only=not trusted)
         except Exception as e:  # torch raises many kinds on a damaged file
             problem = f"it does not load ({type(e).__name__})"
     if problem is not None:
@@ -81,3 +92,39 @@ def load(path: Path, what: str, log=print, map_location=None):
     if recorded is None:  # written before checksums were recorded: it loads, so record it now
         side.write_text(json.dumps(_digest(path)))
     return obj
+
+
+def remove(path: Path) -> None:
+    """Delete a cached file and its checksum (a finished stage's resume state)."""
+    Path(path).unlink(missing_ok=True)
+    _sidecar(Path(path)).unlink(missing_ok=True)
+
+
+def rng_state() -> dict:
+    """Every random generator a training loop draws from implicitly (dropout, numpy, random)."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["random"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def load_resume(path: Path, identity, what: str, log=print) -> dict | None:
+    """The resume state at path if it is whole and belongs to this configuration (identity), else None.
+
+    Saved at the end of every epoch with `save` (atomic, checksummed), so a crash never leaves
+    it half written; a damaged one or one from another configuration is said and ignored, and
+    the stage starts afresh.
+    """
+    state = load(path, f"resume state of {what}", log, trusted=True)
+    if state is None:
+        return None
+    if state.get("identity") != identity:
+        log(f"[resume] {path} belongs to another configuration: {what} starts afresh")
+        return None
+    return state

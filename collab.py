@@ -225,8 +225,13 @@ def evaluate_full_ranking(model: SASRec, split: Split, k_max: int = 10, batch: i
     return ranking_metrics(torch.cat(tops).numpy(), split.target)
 
 
-def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, device="cpu", log=print) -> tuple[SASRec, dict]:
+def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, device="cpu", log=print,
+                 resume_path: Path | None = None) -> tuple[SASRec, dict]:
     """Train SASRec on items[:-2] of every user, early-stopped on valid NDCG@10 (full ranking).
+
+    After every epoch the training state (model, optimiser, shuffling/negatives generator, the
+    global random generators, best epoch) is saved to resume_path (cache.save: atomic); if a
+    state is there when training starts, training continues from it, to the same result.
 
     Returns the model at its best valid epoch (in eval mode) and
     info {epochs_run, best_epoch, train_seconds, n_params, valid: metrics, test: metrics}.
@@ -252,8 +257,17 @@ def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, devic
         f"sequences, {int((pos >= 0).sum()):,} positions, device {device}")
 
     best = {"ndcg@10": -1.0, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
-    bad_epochs, t_train, epoch = 0, 0.0, 0
-    for epoch in range(1, cfg.epochs + 1):
+    bad_epochs, t_train, epoch, start = 0, 0.0, 0, 1
+    resume = cache.load_resume(resume_path, None, "the collaborative model", log) if resume_path else None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["opt"])
+        gen.set_state(resume["gen"])
+        cache.set_rng_state(resume["rng"])
+        best, bad_epochs, t_train, epoch = resume["best"], resume["bad_epochs"], resume["t_train"], resume["epoch"]
+        start = epoch + 1
+        log(f"[resume] collaborative model continues after epoch {epoch} of {cfg.epochs} ({resume_path})")
+    for epoch in range(start, cfg.epochs + 1):
         model.train()
         t0 = time.time()
         order = torch.randperm(len(users), generator=gen)
@@ -297,6 +311,10 @@ def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, devic
             if bad_epochs >= cfg.patience:
                 log(f"cm early stop: no better valid NDCG@10 for {cfg.patience} epochs (best epoch {best['epoch']})")
                 break
+        if resume_path is not None and epoch < cfg.epochs:
+            cache.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                        "rng": cache.rng_state(), "best": best, "bad_epochs": bad_epochs, "t_train": t_train,
+                        "epoch": epoch, "identity": None}, resume_path)
 
     model.load_state_dict(best["state"])
     model.eval()
@@ -332,9 +350,11 @@ def load_or_train(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, out_
     if ckpt is not None:
         log(f"[cache] collaborative model: {path} (skipping training)")
         return SASRec.from_state(ckpt["model_args"], ckpt["model"]).to(device).eval(), ckpt["info"]
-    model, info = train_sasrec(ds, splits, cfg, device=device, log=log)
+    # the stage folder is keyed by the config, so a resume state in it is this config's
+    model, info = train_sasrec(ds, splits, cfg, device=device, log=log, resume_path=path.parent / "resume.pt")
     # atomic, with its size and checksum recorded (cache.py)
     cache.save({"model": model.state_dict(), "model_args": model.model_args(), "info": info}, path)
+    cache.remove(path.parent / "resume.pt")
     return model, info
 
 

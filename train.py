@@ -341,40 +341,6 @@ def atomic_write_json(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict:
-    """Every random generator a training loop draws from implicitly (dropout, numpy, random)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["random"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def load_resume(path: Path, identity: dict, what: str, log=print) -> dict | None:
-    """The per-epoch resume state at path if it belongs to this very configuration, else None.
-
-    Written atomically at the end of every epoch (`atomic_save`), so it is never half written
-    by a crash; an unreadable file (a disk error) or one from another config is reported and
-    ignored, and the stage starts afresh.
-    """
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states need pickle
-    except Exception as e:  # torch raises many kinds on a damaged file
-        log(f"[resume] {path} is unreadable ({type(e).__name__}): {what} starts afresh")
-        return None
-    if state.get("identity") != identity:
-        log(f"[resume] {path} belongs to another configuration: {what} starts afresh")
-        return None
-    return state
-
-
 def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -549,7 +515,7 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg: TrainConfig, lo
         opt.load_state_dict(resume["opt"])
         sched.load_state_dict(resume["sched"])
         gen.set_state(resume["gen"])
-        set_rng_state(resume["rng"])
+        cache.set_rng_state(resume["rng"])
         best, step, bad, t_train, n_seen, start = (resume[k] for k in ("best", "step", "bad", "t_train", "n_seen", "epoch"))
         log(f"[resume] SFT continues after epoch {start} of {cfg.epochs} ({resume_path})")
     epoch, stop = start - 1, False
@@ -593,10 +559,10 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg: TrainConfig, lo
             bad += 1
             stop = bad >= cfg.patience
         if resume_path is not None and not stop and epoch + 1 < cfg.epochs:
-            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                         "gen": gen.get_state(), "rng": rng_state(), "best": best, "step": step, "bad": bad,
-                         "t_train": t_train, "n_seen": n_seen, "epoch": epoch + 1, "log_bytes": logger.tell(),
-                         "identity": resume.get("identity") if resume else None}, resume_path)
+            cache.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "gen": gen.get_state(), "rng": cache.rng_state(), "best": best, "step": step, "bad": bad,
+                        "t_train": t_train, "n_seen": n_seen, "epoch": epoch + 1, "log_bytes": logger.tell(),
+                        "identity": resume.get("identity") if resume else None}, resume_path)
         if stop:
             log(f"early stop: no better valid NDCG@10 for {cfg.patience} epochs (best epoch {best['epoch']})")
             break
@@ -615,7 +581,7 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
     ckpt = cache.load(ckpt_path, "SFT checkpoint", log, map_location=device)
     if ckpt is not None:
         log(f"[cache] SFT checkpoint: {ckpt_path} (skipping training)")
-        model = GRModel.from_state(ckpt["model_args"], ckpt["model"]).to(device)
+        model = GRModel.from_state(ckpt["model_args"], ckpt["model"]).to(device).eval()
         return model, ckpt["info"], stage
     (stage / "eval.json").unlink(missing_ok=True)  # the evaluation of a checkpoint that is gone
     set_seed(t.seed)
@@ -624,7 +590,7 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
     log(f"[stage] SFT: {n_params / 1e6:.2f}M parameters, {len(splits['train']):,} training samples, device {device}")
     # the stage folder is keyed by the config, so any resume state in it is this config's
     resume_path = stage / "resume.pt"
-    resume = load_resume(resume_path, None, "SFT", log)
+    resume = cache.load_resume(resume_path, None, "SFT", log)
     logger = JsonlLogger(stage / "metrics.jsonl", resume["log_bytes"] if resume else None)
     info = train_sft(model, to_tensors(splits["train"], device), to_tensors(splits["valid"], device), t, logger, log,
                      resume_path, resume)
@@ -632,7 +598,7 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
     info["n_params"] = n_params
     cache.save({"model": model.state_dict(), "model_args": model.model_args(), "step": info["step"],
                 "config": asdict(cfg), "info": info}, ckpt_path)
-    resume_path.unlink(missing_ok=True)
+    cache.remove(resume_path)
     return model, info, stage
 
 
@@ -757,10 +723,13 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
         opt.load_state_dict(resume["opt"])
         sched.load_state_dict(resume["sched"])
         gen.set_state(resume["gen"])
-        set_rng_state(resume["rng"])
+        cache.set_rng_state(resume["rng"])
         best, step, t_train, n_seen, start = (resume[k] for k in ("best", "step", "t_train", "n_seen", "epoch"))
         log(f"[resume] {method} continues after epoch {start} of {ft.ft_epochs} ({resume_path})")
     elif objective:  # centre the first TB / DB residuals (see GFlowNetHeads.init_offset)
+        # measured without dropout: a cached SFT model arrives in train mode, a fresh one in eval
+        # mode, and the offset (so the whole run) must not depend on which
+        model.eval()
         with torch.no_grad():
             b = torch.randperm(len(train_t["target"]), generator=torch.Generator().manual_seed(t.seed))[: t.batch_size].to(device)
             hl = train_t["hist_len"][b]
@@ -812,12 +781,12 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
             best = {"ndcg@10": val["ndcg@10"], "epoch": epoch + 1, "step": step,
                     "state": copy.deepcopy(model.state_dict()), "heads": copy.deepcopy(heads.state_dict())}
         if resume_path is not None and epoch + 1 < ft.ft_epochs:
-            atomic_save({"model": model.state_dict(), "heads": heads.state_dict(),
-                         "baseline": baseline.state() if baseline is not None else None,
-                         "sampler_gen": sampler.gen.get_state() if sampler is not None else None,
-                         "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(), "rng": rng_state(),
-                         "best": best, "step": step, "t_train": t_train, "n_seen": n_seen, "epoch": epoch + 1,
-                         "log_bytes": logger.tell(), "identity": run_identity(cfg)}, resume_path)
+            cache.save({"model": model.state_dict(), "heads": heads.state_dict(),
+                        "baseline": baseline.state() if baseline is not None else None,
+                        "sampler_gen": sampler.gen.get_state() if sampler is not None else None,
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(), "rng": cache.rng_state(),
+                        "best": best, "step": step, "t_train": t_train, "n_seen": n_seen, "epoch": epoch + 1,
+                        "log_bytes": logger.tell(), "identity": run_identity(cfg)}, resume_path)
     model.load_state_dict(best["state"])
     heads.load_state_dict(best["heads"])
     info = {"best_epoch": best["epoch"], "step": best["step"], "train_seconds": t_train,
@@ -962,7 +931,7 @@ def main(cfg: Config, log=print) -> dict:
         sft_model = copy.deepcopy(model).eval()
         tensors = {name: to_tensors(splits[name], device) for name in ("train", "valid", "test")}
         resume_path = out_dir / "resume.pt"
-        resume = load_resume(resume_path, run_identity(cfg), t.method, log)
+        resume = cache.load_resume(resume_path, run_identity(cfg), t.method, log)
         logger = JsonlLogger(out_dir / "metrics.jsonl", resume["log_bytes"] if resume else None)
         t0 = time.time()
         log(f"[stage] {t.method}: {cfg.ft.ft_epochs} epochs from the SFT checkpoint")
@@ -992,7 +961,7 @@ def main(cfg: Config, log=print) -> dict:
     if inspect is not None:
         atomic_write_json(inspect, out_dir / "inspect.json")
     atomic_write_json(result, out_dir / "metrics.json")
-    (out_dir / "resume.pt").unlink(missing_ok=True)  # finished: nothing to resume
+    cache.remove(out_dir / "resume.pt")  # finished: nothing to resume
 
     log("\n" + format_table([(split, name, m[split]) for split in ("test", "valid") for name, m in rows.items()]))
     log(f"\nrun folder: {out_dir}   total {timing['total_s']:.0f}s")

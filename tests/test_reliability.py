@@ -1,4 +1,4 @@
-"""Reliability: a run killed mid-stage resumes to the same result as an uninterrupted one."""
+"""Reliability: a run killed mid-stage resumes to the same result as an uninterrupted one; damaged caches are redone."""
 import json
 import os
 import signal
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# a small toy run: 150 users, 5 SFT epochs (no early stop), 3 GFlowGR epochs, one thread (bit-reproducible)
+# a small toy run: 150 users, 5 SFT and 5 CM epochs (no early stop), 3 GFlowGR epochs, one thread (bit-reproducible)
 ARGS = ["--dataset", "toy", "--method", "gflowgr-tb", "--toy-users", "150", "--epochs", "5", "--patience", "5",
-        "--ft-epochs", "3", "--head-warmup", "3", "--cm-epochs", "3", "--rq-epochs", "30", "--threads", "1"]
+        "--ft-epochs", "3", "--head-warmup", "3", "--cm-epochs", "5", "--cm-patience", "5", "--rq-epochs", "30", "--threads", "1"]
 RUN = "toy__gflowgr-tb__seed42"
 
 
@@ -55,14 +55,17 @@ def test_killed_in_sft_and_in_gflowgr_resumes_to_the_same_numbers(uninterrupted,
     # 1. killed (SIGKILL, no clean-up) once SFT has written its first per-epoch checkpoint
     kill_when(start(tmp_path), (tmp_path / "toy", "sft-*/resume.pt"))
     assert not list((tmp_path / "toy").glob("sft-*/checkpoint.pt"))  # SFT had not finished
-    # 2. the same command resumes SFT, says so; killed again inside GFlowGR fine-tuning
-    out = kill_when(start(tmp_path), (tmp_path / RUN, "resume.pt"))
+    # 2. the same command resumes SFT and says so
+    out = kill_when(start(tmp_path), (tmp_path / "toy", "cm-*/resume.pt"))
     assert "[resume] SFT continues after epoch" in out
+    # 3. killed again inside the collaborative model's training, then inside GFlowGR fine-tuning
+    out = kill_when(start(tmp_path), (tmp_path / RUN, "resume.pt"))
+    assert "[resume] collaborative model continues after epoch" in out
     stage = next((tmp_path / "toy").glob("sft-*"))
     assert (stage / "checkpoint.pt").exists() and not (stage / "resume.pt").exists()
     rows = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "eval/valid_ndcg@10" in r] == [1, 2, 3, 4, 5]  # cut back, not repeated
-    # 3. and again: resumes the fine-tuning and finishes
+    # 4. and again: resumes the fine-tuning and finishes
     out = finish(start(tmp_path))
     assert "[resume] gflowgr-tb continues after epoch" in out
     assert not (tmp_path / RUN / "resume.pt").exists()  # a finished run leaves no resume state
