@@ -126,12 +126,6 @@ def _fmt(s: dict) -> str:
     return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["n"] > 1 else "")
 
 
-def _stats(values: list[float]) -> dict:
-    v = [x for x in values if not (isinstance(x, float) and math.isnan(x))]
-    return {"mean": float(np.mean(v)) if v else math.nan, "std": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan,
-            "n": len(v), "values": [float(x) for x in values]}
-
-
 def write_outputs(cfg: train.Config, study: str, md: str, summary: dict, fig: go.Figure, log=print) -> dict:
     """results/<dataset>_<study>.md, .json and .html, each written atomically."""
     folder = out_dir(cfg)
@@ -181,9 +175,9 @@ def run_sweep(cfg: train.Config, study: str, log=print) -> dict:
                 for k in METRICS:
                     sft[k].append(m["sft_eval"]["test"][k])
         cells.append({"label": label, "overrides": overrides, "runs": runs,
-                      "metrics": {k: _stats(v) for k, v in values.items()}})
+                      "metrics": {k: results.seed_stats(v) for k, v in values.items()}})
     return {"study": study, "dataset": cfg.data.dataset, "backbone": cfg.train.backbone, "method": method,
-            "seeds": seeds, "cells": cells, "sft": {k: _stats(v) for k, v in sft.items()}}
+            "seeds": seeds, "cells": cells, "sft": {k: results.seed_stats(v) for k, v in sft.items()}}
 
 
 def sweep_markdown(s: dict) -> str:
@@ -325,7 +319,7 @@ def study_diversity(cfg: train.Config, log=print) -> dict:
             log(f"diversity of {name}, seed {seed}: top-10 lists of {n:,} users, P(v|U) over {ds.n_items:,} items "
                 f"for {len(users):,} users")
             per[name].append(diversity_of(load_model(study_config(cfg, name, seed, {}), device), cm, t, c, popularity, users))
-    rows = {name: {key: _stats([d[key] for d in per[name]]) for key, _, _ in DIVERSITY_ROWS} for name in per}
+    rows = {name: {key: results.seed_stats([d[key] for d in per[name]]) for key, _, _ in DIVERSITY_ROWS} for name in per}
     summary = {"study": "diversity", "dataset": cfg.data.dataset, "backbone": cfg.train.backbone, "method": method,
                "seeds": seeds, "diversity_users": cfg.train.diversity_users, "rows": rows, "paper": PAPER_DIVERSITY,
                "curves": {name: {"counts_by_popularity": per[name][0]["_counts"], "r_c": per[name][0]["_r_c"]}
@@ -411,7 +405,8 @@ def study_exposure(cfg: train.Config, log=print) -> dict:
     hidden = [hidden_all[u] for u in test.user]
     w = ds.item_pop_weight
     pop_pct = np.argsort(np.argsort(w)) / max(len(w) - 1, 1)  # (I,): rank of the exposure propensity in [0, 1]
-    tail = [[i for i in h if w[i] < np.median(w)] for h in hidden]
+    median = np.median(w)
+    tail = [[i for i in h if w[i] < median] for h in hidden]
     mostpop = np.tile(np.argsort(-data_mod.item_popularity(ds), kind="stable")[:10], (len(test), 1))
     names = ["sft", method, "cm", "mostpop"]
     per = {name: [] for name in names}
@@ -427,7 +422,7 @@ def study_exposure(cfg: train.Config, log=print) -> dict:
             scores = cm.eval().score(t["hist"], t["hist_len"], torch.arange(ds.n_items, device=device).expand(len(test), -1))
         per["cm"].append(exposure_of(scores.topk(10).indices.cpu().numpy(), test.target, hidden, tail, pop_pct))
         per["mostpop"].append(exposure_of(mostpop, test.target, hidden, tail, pop_pct))
-    rows = {name: {key: _stats([d[key] for d in per[name]]) for key, _ in EXPOSURE_ROWS} for name in names}
+    rows = {name: {key: results.seed_stats([d[key] for d in per[name]]) for key, _ in EXPOSURE_ROWS} for name in names}
     tests = {key: results.welch_greater(rows[method][key]["values"], rows["sft"][key]["values"])
              for key in ("recall_observed", "recall_hidden", "recall_hidden_tail")}
     obs_pop = float(np.mean([w[i] for s in ds.sequences for i in s]))

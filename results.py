@@ -129,7 +129,8 @@ def welch_greater(x, y) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
-def _stats(v: list[float]) -> dict:
+def seed_stats(v: list[float]) -> dict:
+    """Mean, sample std (nan below 2 values), count and the values themselves, over seeds."""
     n = len(v)
     mean = float(np.mean(v)) if n else math.nan
     std = float(np.std(v, ddof=1)) if n >= 2 else math.nan  # ddof=1: sample std; undefined for n = 1
@@ -148,7 +149,7 @@ def summarise(values: dict, baselines, gflowgr, reference=()) -> dict:
     Ties go to the baseline listed first. std is nan with one seed, p nan with < 2 seeds.
     """
     baselines, gflowgr, reference = list(baselines), list(gflowgr), list(reference)
-    rows = {m: {k: _stats(values.get(m, {}).get(k, [])) for k in METRICS} for m in baselines + gflowgr + reference}
+    rows = {m: {k: seed_stats(values.get(m, {}).get(k, [])) for k in METRICS} for m in baselines + gflowgr + reference}
     best = {}
     for k in METRICS:
         ranked = [m for m in baselines if rows[m][k]["n"] > 0]  # reference rows never compete

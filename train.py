@@ -326,14 +326,6 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def atomic_write_json(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -562,7 +554,7 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg: TrainConfig, lo
             cache.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "gen": gen.get_state(), "rng": cache.rng_state(), "best": best, "step": step, "bad": bad,
                         "t_train": t_train, "n_seen": n_seen, "epoch": epoch + 1, "log_bytes": logger.tell(),
-                        "identity": resume.get("identity") if resume else None}, resume_path)
+                        "identity": None}, resume_path)  # the stage folder's key is the identity
         if stop:
             log(f"early stop: no better valid NDCG@10 for {cfg.patience} epochs (best epoch {best['epoch']})")
             break
@@ -955,9 +947,9 @@ def main(cfg: Config, log=print) -> dict:
         shutil.copyfile(ckpt_src, out_dir / "checkpoint.pt.tmp")
         os.replace(out_dir / "checkpoint.pt.tmp", out_dir / "checkpoint.pt")
     else:
-        atomic_save({"model": model.state_dict(), "model_args": model.model_args(), "heads": heads.state_dict(),
-                     "heads_args": {"d_model": cfg.model.d_model, "log_z": cfg.ft.log_z}, "step": ft_info["step"],
-                     "config": asdict(cfg)}, out_dir / "checkpoint.pt")
+        cache.save({"model": model.state_dict(), "model_args": model.model_args(), "heads": heads.state_dict(),
+                    "heads_args": {"d_model": cfg.model.d_model, "log_z": cfg.ft.log_z}, "step": ft_info["step"],
+                    "config": asdict(cfg)}, out_dir / "checkpoint.pt")
     if inspect is not None:
         atomic_write_json(inspect, out_dir / "inspect.json")
     atomic_write_json(result, out_dir / "metrics.json")
