@@ -186,7 +186,8 @@ class RQVAE(nn.Module):
         for cb in self.codebooks:
             residuals.append(r)
             idx = torch.cdist(r.detach(), cb.detach()).argmin(1)  # (N,)
-            e = cb[idx]  # (N, D)
+            # F.embedding, not cb[idx]: the same rows, but its backward is deterministic on several CPU threads
+            e = F.embedding(idx, cb)  # (N, D)
             loss = loss + F.mse_loss(e, r.detach()) + beta * F.mse_loss(r, e.detach())
             z_q = z_q + e
             r = r - e.detach()

@@ -158,3 +158,22 @@ def test_trie_accepts_exactly_the_real_ids():
 def test_trie_rejects_duplicate_ids():
     with pytest.raises(ValueError):
         Trie.build(torch.tensor([[0, 1], [0, 1]]), vocab_size=2)
+
+
+def test_rqvae_gradient_is_the_same_every_time_on_two_threads():
+    """Codebook rows are looked up with F.embedding: indexing (cb[idx]) accumulates its
+    gradient in a thread-dependent order on the CPU, so same-seed RQ-VAEs drifted apart."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model, x = RQVAE(64, 64, 16, 3, 64), torch.randn(2048, 64)
+        grads = []
+        for _ in range(10):
+            model.zero_grad()
+            x_hat, _, vq_loss, _, _ = model(x)
+            (torch.nn.functional.mse_loss(x_hat, x) + vq_loss).backward()
+            grads.append(model.codebooks.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
