@@ -34,6 +34,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import cache
 from data import DataError
 
 
@@ -225,11 +227,16 @@ def new_rqvae(x: torch.Tensor, cfg: TokenizerConfig, seed: int = 0) -> RQVAE:
 
 
 def fit_rqvae(model: RQVAE, x: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, log=None,
-              reg: LetterRegulariser | None = None) -> dict[str, float]:
+              reg: LetterRegulariser | None = None, resume_path: Path | None = None) -> dict[str, float]:
     """The RQ-VAE training loop shared by TIGER (`train_rqvae`) and LETTER (`train_letter`).
 
     Minimises the RQ-VAE loss, plus `reg`'s weighted losses when one is given (its
     parameters join the optimiser). Returns the last batch's loss terms.
+
+    resume_path: at the end of every epoch but the last, the whole training state (model,
+    regulariser, optimiser, the batch-order / restart generator, the epoch) is saved there
+    atomically; if a state is found there at the start, training continues from it to the
+    same codes as an uninterrupted run. The caller deletes it once the IDs are saved.
 
     Collapse guard: a randomly initialised codebook collapses here (almost every residual
     snaps to the one code whose gradient pulls it towards the mean, within tens of steps).
@@ -239,7 +246,19 @@ def fit_rqvae(model: RQVAE, x: torch.Tensor, cfg: TokenizerConfig, seed: int = 0
     params = list(model.parameters()) + (list(reg.parameters()) if reg is not None else [])
     opt = torch.optim.Adam(params, lr=cfg.rq_lr)
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(cfg.rq_epochs), desc="rq-vae" if reg is None else "letter", leave=False, disable=log is None)
+    what = "RQ-VAE" if reg is None else "LETTER"
+    start = 0
+    state = cache.load_resume(resume_path, None, what, log or (lambda *a: None)) if resume_path is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if reg is not None:
+            reg.load_state_dict(state["reg"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["gen"])
+        start = state["epoch"]
+        if log is not None:
+            log(f"[resume] {what} continues after epoch {start} of {cfg.rq_epochs} ({resume_path})")
+    bar = tqdm(range(start, cfg.rq_epochs), desc=what.lower(), leave=False, disable=log is None)
     for epoch in bar:
         used = torch.zeros(cfg.levels, cfg.codebook_size, dtype=torch.bool)
         last_res = None
@@ -266,13 +285,17 @@ def fit_rqvae(model: RQVAE, x: torch.Tensor, cfg: TokenizerConfig, seed: int = 0
                         pick = torch.randint(last_res.shape[1], (len(dead),), generator=g)
                         model.codebooks.data[level, dead] = last_res[level, pick]
         bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
+        if resume_path is not None and epoch + 1 < cfg.rq_epochs:
+            cache.save({"model": model.state_dict(), "reg": reg.state_dict() if reg is not None else None,
+                        "opt": opt.state_dict(), "gen": g.get_state(), "epoch": epoch + 1, "identity": None}, resume_path)
     return {k: v.item() for k, v in terms.items()}
 
 
-def train_rqvae(x: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, log=None) -> tuple[torch.Tensor, dict]:
+def train_rqvae(x: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, log=None,
+                resume_path: Path | None = None) -> tuple[torch.Tensor, dict]:
     """Train the RQ-VAE (TIGER) on item embeddings x (N, D); returns codes (N, levels) and a report."""
     model = new_rqvae(x, cfg, seed)
-    final = fit_rqvae(model, x, cfg, seed, log)
+    final = fit_rqvae(model, x, cfg, seed, log, resume_path=resume_path)
     with torch.no_grad():
         codes = model(x)[1]
     return codes, {"rq_final_loss": final["rq"], "rq_final_recon": final["recon"], **id_report(codes, cfg.codebook_size)}
@@ -358,7 +381,8 @@ class LetterRegulariser(nn.Module):
                 "letter_cf_probe_cos": F.cosine_similarity(probe, self.h, dim=1).mean().item()}
 
 
-def train_letter(x: torch.Tensor, cf_emb: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, log=None) -> tuple[torch.Tensor, dict]:
+def train_letter(x: torch.Tensor, cf_emb: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, log=None,
+                 resume_path: Path | None = None) -> tuple[torch.Tensor, dict]:
     """Train LETTER on item embeddings x (N, D) and CF item embeddings cf_emb (N, d_cf);
     returns codes (N, levels) and the report of `train_rqvae` plus the LETTER terms.
 
@@ -369,7 +393,7 @@ def train_letter(x: torch.Tensor, cf_emb: torch.Tensor, cfg: TokenizerConfig, se
     model = new_rqvae(x, cfg, seed)
     # built after the RQ-VAE so the RQ-VAE starts exactly as in train_rqvae
     reg = LetterRegulariser(cfg.rq_latent, cf_emb.to(x.device), cfg)
-    final = fit_rqvae(model, x, cfg, seed, log, reg)
+    final = fit_rqvae(model, x, cfg, seed, log, reg, resume_path)
     with torch.no_grad():
         _, codes, _, _, z_q = model(x)
     return codes, {"rq_final_loss": final["rq"], "rq_final_recon": final["recon"], **id_report(codes, cfg.codebook_size),
@@ -418,17 +442,18 @@ def id_report(codes: torch.Tensor, codebook_size: int) -> dict:
 
 
 def build_semantic_ids(emb: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, log=print,
-                       cf_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                       cf_emb: torch.Tensor | None = None, resume_path: Path | None = None) -> tuple[torch.Tensor, dict]:
     """Embeddings (N, D) -> unique semantic IDs (N, L) with L = levels + 1, and a report.
 
     cf_emb (N, d_cf): collaborative item embeddings, needed by (only) id_method "letter".
+    resume_path: where the RQ-VAE / LETTER training saves its per-epoch resume state (fit_rqvae).
     """
     if cfg.id_method == "rqvae":
-        codes, report = train_rqvae(emb, cfg, seed, log)
+        codes, report = train_rqvae(emb, cfg, seed, log, resume_path)
     elif cfg.id_method == "letter":
         if cf_emb is None:
             raise DataError("--id-method letter needs collaborative item embeddings (train the CM first)")
-        codes, report = train_letter(emb, cf_emb, cfg, seed, log)
+        codes, report = train_letter(emb, cf_emb, cfg, seed, log, resume_path)
     elif cfg.id_method == "rkmeans":
         codes = residual_kmeans(emb, cfg.levels, cfg.codebook_size, seed)
         report = id_report(codes, cfg.codebook_size)

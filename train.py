@@ -370,9 +370,12 @@ def semantic_ids(ds, cfg: Config, log=print, cf_emb: torch.Tensor | None = None)
         codes, report = saved["codes"], saved["report"]
     else:
         t0 = time.time()
-        codes, report = build_semantic_ids(emb, tok, seed=cfg.train.seed, log=log, cf_emb=cf_emb)
+        # the stage folder is keyed by the config, so any resume state in it is this config's
+        resume_path = ids_path.parent / "resume.pt"
+        codes, report = build_semantic_ids(emb, tok, seed=cfg.train.seed, log=log, cf_emb=cf_emb, resume_path=resume_path)
         report["seconds"] = time.time() - t0
         cache.save({"codes": codes, "report": report}, ids_path)
+        cache.remove(resume_path)
         log(f"[stage] semantic IDs ({tok.id_method}) in {report['seconds']:.1f}s -> {ids_path}")
     log(f"        codebook usage per level {report['usage_per_level']} of {report['codebook_size']}, "
         f"collision rate before dedup {report['collision_rate']:.2%} (max {report['max_items_per_id']} items per ID)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# a small toy run: 150 users, 5 SFT and 5 CM epochs (no early stop), 3 GFlowGR epochs, one thread (bit-reproducible)
+# a small toy run: 150 users, 30 RQ-VAE epochs, 5 SFT and 5 CM epochs (no early stop), 3 GFlowGR epochs, one thread (bit-reproducible)
 ARGS = ["--dataset", "toy", "--method", "gflowgr-tb", "--toy-users", "150", "--epochs", "5", "--patience", "5",
         "--ft-epochs", "3", "--head-warmup", "3", "--cm-epochs", "5", "--cm-patience", "5", "--rq-epochs", "30", "--threads", "1"]
 RUN = "toy__gflowgr-tb__seed42"
@@ -51,9 +51,14 @@ def uninterrupted(tmp_path_factory):
     return json.loads((out / RUN / "metrics.json").read_text())
 
 
-def test_killed_in_sft_and_in_gflowgr_resumes_to_the_same_numbers(uninterrupted, tmp_path):
-    # 1. killed (SIGKILL, no clean-up) once SFT has written its first per-epoch checkpoint
-    kill_when(start(tmp_path), (tmp_path / "toy", "sft-*/resume.pt"))
+def test_killed_in_every_stage_resumes_to_the_same_numbers(uninterrupted, tmp_path):
+    # 0. killed (SIGKILL, no clean-up) once the RQ-VAE has written its first per-epoch checkpoint
+    kill_when(start(tmp_path), (tmp_path / "toy", "ids-*/resume.pt"))
+    assert not list((tmp_path / "toy").glob("ids-*/codes.pt"))  # the IDs had not been written
+    # 1. the same command resumes the RQ-VAE and says so; killed again inside SFT
+    out = kill_when(start(tmp_path), (tmp_path / "toy", "sft-*/resume.pt"))
+    assert "[resume] RQ-VAE continues after epoch" in out
+    assert not list((tmp_path / "toy").glob("ids-*/resume.pt"))  # a finished stage leaves no resume state
     assert not list((tmp_path / "toy").glob("sft-*/checkpoint.pt"))  # SFT had not finished
     # 2. the same command resumes SFT and says so
     out = kill_when(start(tmp_path), (tmp_path / "toy", "cm-*/resume.pt"))

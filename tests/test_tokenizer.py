@@ -160,6 +160,39 @@ def test_trie_rejects_duplicate_ids():
         Trie.build(torch.tensor([[0, 1], [0, 1]]), vocab_size=2)
 
 
+@pytest.mark.parametrize("id_method", ["rqvae", "letter"])
+def test_rqvae_interrupted_after_an_epoch_resumes_to_the_same_codes(tmp_path, monkeypatch, id_method):
+    """A crash after epoch 3's state was saved: the rerun says it resumes and gives the uninterrupted run's codes."""
+    import cache
+
+    x, _ = blobs(n_per=32, k=8, dim=16)
+    x = torch.nn.functional.normalize(x, dim=1)
+    cf = torch.randn(len(x), 6, generator=torch.Generator().manual_seed(3))
+    cfg = TokenizerConfig(id_method=id_method, levels=2, codebook_size=16, rq_latent=8, rq_hidden=32, rq_epochs=8, rq_batch=64)
+    train = (lambda **kw: train_rqvae(x, cfg, 5, **kw)) if id_method == "rqvae" else (lambda **kw: train_letter(x, cf, cfg, 5, **kw))
+    whole, report = train(log=None)
+    path = tmp_path / "resume.pt"
+    real_save, saves = cache.save, []
+
+    def crash_after_third(obj, p):
+        real_save(obj, p)
+        saves.append(obj["epoch"])
+        if len(saves) == 3:
+            raise KeyboardInterrupt  # as a Ctrl-C right after the epoch-3 checkpoint
+
+    monkeypatch.setattr(cache, "save", crash_after_third)
+    with pytest.raises(KeyboardInterrupt):
+        train(log=None, resume_path=path)
+    monkeypatch.setattr(cache, "save", real_save)
+    assert saves == [1, 2, 3] and path.exists()
+    lines = []
+    again, report_again = train(log=lines.append, resume_path=path)
+    what = "RQ-VAE" if id_method == "rqvae" else "LETTER"
+    assert any(f"[resume] {what} continues after epoch 3 of 8" in str(l) for l in lines)
+    assert torch.equal(again, whole)
+    assert report_again["rq_final_loss"] == report["rq_final_loss"]
+
+
 def test_rqvae_gradient_is_the_same_every_time_on_two_threads():
     """Codebook rows are looked up with F.embedding: indexing (cb[idx]) accumulates its
     gradient in a thread-dependent order on the CPU, so same-seed RQ-VAEs drifted apart."""
