@@ -277,7 +277,8 @@ def _load_yelp(root: Path) -> Dataset:
         try:
             user, *items = (int(tok) - 1 for tok in line.split())
         except ValueError as err:
-            raise DataError(f"{seq_path}, line {lineno}: expected integer ids ({err})") from err
+            raise DataError(f"{seq_path}, line {lineno}: expected integer ids 'user item item ...' ({err}). "
+                            f"Fix that line, or point --data-dir / ${ENV_VAR} to a folder with a good copy.") from err
         rows[user] = items
     if sorted(rows) != list(range(len(rows))):
         raise DataError(f"{seq_path}: user ids must be 1..{len(rows)} (P5 format)")
@@ -286,7 +287,7 @@ def _load_yelp(root: Path) -> Dataset:
     try:
         raw = json.loads(items_path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as err:
-        raise DataError(f"cannot read {items_path}: {err}") from err
+        raise DataError(f"cannot read {items_path}: {err}. Point --data-dir / ${ENV_VAR} to a folder with a good copy.") from err
     if sorted(map(int, raw)) != list(range(len(raw))):
         raise DataError(f"{items_path}: item ids must be 0..{len(raw) - 1} (LETTER format)")
     titles, attributes = [], []

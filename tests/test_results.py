@@ -203,12 +203,3 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "| SFT | **0.0450 ± 0.0071** |" in md and "| MostPop | 0.0010 ± 0.0000 |" in md
     assert "Missing runs" in md and "`toy__ppo__seed42`" in md
     assert np.isclose(json.loads((tmp_path / "res" / "toy_tiger.json").read_text())["rows"]["cm"]["hr@5"]["mean"], 0.02)
-
-
-def test_cli_runs_folder_that_does_not_exist(tmp_path, capsys):
-    from results import cli
-
-    assert cli(["--dataset", "toy", "--runs", str(tmp_path / "nope"), "--out", str(tmp_path / "res")]) == 2
-    err = capsys.readouterr().err
-    assert "runs folder" in err and "does not exist" in err and "python train.py --dataset toy" in err
-    assert not (tmp_path / "res").exists()  # nothing written
