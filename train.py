@@ -477,6 +477,20 @@ class JsonlLogger:
         self.f.close()
 
 
+STOPPED = ("The run stopped before saving anything from this epoch (the last per-epoch state is kept); "
+           "rerun with a lower learning rate (--lr for SFT, --ft-lr / --head-lr for fine-tuning), "
+           "or check the rewards (--reward, --reward-beta).")
+
+
+def check_finite(step: int, loss: torch.Tensor, parts: dict, grad_norm: torch.Tensor, stage: str = "") -> None:
+    """Stop with a message naming the step and the offending term, before a NaN is saved."""
+    if not torch.isfinite(loss):
+        bad = [k for k, v in parts.items() if not torch.isfinite(torch.as_tensor(v)).all()] or ["loss"]
+        raise FloatingPointError(f"non-finite {stage}loss at step {step}: {', '.join(bad)}. {STOPPED}")
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError(f"non-finite {stage}gradient at step {step} (loss {loss.item():.4g}). {STOPPED}")
+
+
 def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg: TrainConfig, logger: JsonlLogger, log=print,
               resume_path: Path | None = None, resume: dict | None = None) -> dict:
     """Minimise L_GR (Eq. 1) with AdamW, warm-up + cosine schedule, early stopping on valid NDCG@10.
@@ -527,8 +541,7 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg: TrainConfig, lo
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"non-finite SFT loss or gradient at step {step} (loss {loss.item()}, grad norm {grad_norm.item()})")
+            check_finite(step, loss, {"loss/gr": loss.detach()}, grad_norm, "SFT ")
             opt.step()
             sched.step()
             step += 1
@@ -600,15 +613,6 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
 # ----------------------------------------------------------------------------------------
 # Stage 4: fine-tuning from the SFT checkpoint (GFlowGR, Sec. 3; SFT-continued)
 # ----------------------------------------------------------------------------------------
-
-
-def check_finite(step: int, loss: torch.Tensor, parts: dict, grad_norm: torch.Tensor) -> None:
-    """Stop with a message naming the step and the offending term, before a NaN is saved."""
-    if not torch.isfinite(loss):
-        bad = [k for k, v in parts.items() if not torch.isfinite(torch.as_tensor(v)).all()] or ["loss"]
-        raise FloatingPointError(f"non-finite loss at step {step}: {', '.join(bad)}")
-    if not torch.isfinite(grad_norm):
-        raise FloatingPointError(f"non-finite gradient at step {step} (loss {loss.item():.4g})")
 
 
 def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, cfg: Config):

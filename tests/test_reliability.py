@@ -159,3 +159,45 @@ def test_cache_accepts_old_files_without_checksum(tmp_path):
     assert cache.load(path, "old file") == {"a": 1}
     assert (tmp_path / "x.pt.sha256").exists()  # recorded now
     assert cache.load(tmp_path / "missing.pt", "nothing") is None
+
+
+def test_nan_mid_finetuning_stops_with_step_and_term_and_saves_no_nan(tmp_path, capsys, monkeypatch):
+    """The CM starts scoring NaN after the first fine-tuning epoch: the run stops at that step
+    naming the term, exit 2, no checkpoint or metrics written; the epoch-1 state is kept, finite."""
+    import torch
+
+    import collab
+    import train
+
+    poisoned = {"on": False}
+    real_score, real_evaluate = collab.SASRec.score, train.evaluate
+
+    def score(self, *a):
+        s = real_score(self, *a)
+        return s * float("nan") if poisoned["on"] else s
+
+    def evaluate(*a, **k):  # the first fine-tuning epoch's validation: poison from then on
+        out = real_evaluate(*a, **k)
+        poisoned["on"] = k.get("desc") == "valid" and fine_tuning["on"]
+        return out
+
+    fine_tuning = {"on": False}
+    real_finetune = train.finetune
+
+    def finetune(*a, **k):
+        fine_tuning["on"] = True
+        return real_finetune(*a, **k)
+
+    monkeypatch.setattr(collab.SASRec, "score", score)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "finetune", finetune)
+    argv = ["--dataset", "toy", "--method", "gflowgr-tb", "--toy-users", "150", "--epochs", "2", "--patience", "2",
+            "--cm-epochs", "2", "--cm-patience", "2", "--ft-epochs", "2", "--head-warmup", "1", "--rq-epochs", "30",
+            "--out", str(tmp_path)]
+    assert train.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss at step" in err and "loss/gfn" in err and "--ft-lr" in err and "Traceback" not in err
+    run = tmp_path / "toy__gflowgr-tb__seed42"
+    assert not (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()
+    state = torch.load(run / "resume.pt", weights_only=False)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
