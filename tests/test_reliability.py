@@ -17,9 +17,9 @@ ARGS = ["--dataset", "toy", "--method", "gflowgr-tb", "--toy-users", "150", "--e
 RUN = "toy__gflowgr-tb__seed42"
 
 
-def start(out: Path, method: str = "gflowgr-tb") -> subprocess.Popen:
+def start(out: Path, method: str = "gflowgr-tb", *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = [*ARGS, "--out", str(out), "--method", method]  # the last --method wins
+    args = [*ARGS, "--out", str(out), "--method", method, *extra]  # a flag given twice: the last wins
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -105,10 +105,10 @@ def test_killed_baseline_resumes_to_the_same_numbers(whole_run, tmp_path, method
     and PPO's value head, with its optimiser moments and the policy's random draws."""
     for name in ("whole", "killed"):  # both start from the same cached IDs, SFT model and CM
         shutil.copytree(whole_run / "toy", tmp_path / name / "toy")
-    finish(start(tmp_path / "whole", method))
+    finish(start(tmp_path / "whole", method, "--ft-epochs", "2"))
     run = f"toy__{method}__seed42"
-    kill_when(start(tmp_path / "killed", method), (tmp_path / "killed" / run, "resume.pt"))
-    out = finish(start(tmp_path / "killed", method))
+    kill_when(start(tmp_path / "killed", method, "--ft-epochs", "2"), (tmp_path / "killed" / run, "resume.pt"))
+    out = finish(start(tmp_path / "killed", method, "--ft-epochs", "2"))
     assert f"[resume] {method} continues after epoch" in out
     assert "[stage] SFT" not in out  # the cached stages were used, not retrained
     got, want = (json.loads((tmp_path / name / run / "metrics.json").read_text()) for name in ("killed", "whole"))
@@ -126,7 +126,8 @@ def test_damaged_cache_files_are_reported_and_redone(tmp_path):
     from train import main
 
     cfg = tiny_config(tmp_path, method="gflowgr-tb")
-    cfg.ft.ft_epochs, cfg.cm.epochs = 1, 3
+    cfg.data.toy_users, cfg.train.epochs, cfg.cm.epochs = 150, 3, 3
+    cfg.ft.ft_epochs, cfg.ft.head_warmup = 1, 3
     first = main(cfg, log=lambda *a: None)
     stage = tmp_path / "toy"
     sft, ids, cm = (next(stage.glob(g)) for g in ("sft-*/checkpoint.pt", "ids-*/codes.pt", "cm-*/checkpoint.pt"))
