@@ -12,7 +12,11 @@ Measures (on the real training samples of a data set):
     "random interesting user" click (`app.interesting_users`), with the models loaded.
 The speed-up is the ratio of the first two, measured in one process.
 
-Usage: `python bench.py --dataset beauty --steps 20`
+`--rqvae N` measures instead the RQ-VAE on the real item texts (TF-IDF), N times without and
+N times with its per-epoch resume state saved (the cost of being resumable), and checks
+that every run gives the same IDs (same seed, same threads: same numbers).
+
+Usage: `python bench.py --dataset beauty --steps 20`  |  `python bench.py --dataset beauty --rqvae 2`
 """
 from __future__ import annotations
 
@@ -59,6 +63,32 @@ def batches(split, batch_size, n_steps, gen):
     return [out[i] for i in torch.randperm(len(out), generator=gen)]
 
 
+def bench_rqvae(ds, runs: int) -> None:
+    """Seconds of the RQ-VAE with and without a resume state saved every epoch; are the IDs identical?"""
+    import tempfile
+    from pathlib import Path
+
+    from tokenizer import embed_texts, train_rqvae
+
+    cfg = TokenizerConfig()
+    emb = embed_texts(ds.texts(), cfg)
+    codes, rows = [], []
+    for with_state in [False, True] * runs:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "resume.pt" if with_state else None
+            t0 = time.perf_counter()
+            c, report = train_rqvae(emb, cfg, seed=42, resume_path=path)
+            seconds = time.perf_counter() - t0
+            size = path.stat().st_size if with_state and path.exists() else 0
+        codes.append(c)
+        rows.append((with_state, seconds, size, report["collision_rate"]))
+    print(f"RQ-VAE, {ds.n_items:,} items, {cfg.rq_epochs} epochs, {torch.get_num_threads()} threads")
+    for with_state, seconds, size, collisions in rows:
+        print(f"  {'state saved every epoch' if with_state else 'no resume state':<24} {seconds:6.1f} s"
+              f"  state {size / 1e6:.1f} MB  collision rate {collisions:.4%}")
+    print(f"  identical IDs in all {len(codes)} runs: {all(torch.equal(codes[0], c) for c in codes[1:])}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="beauty")
@@ -70,11 +100,14 @@ def main() -> None:
     p.add_argument("--app-users", type=int, default=20, help="users timed through app.user_view")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--rqvae", type=int, default=0, help="only time the RQ-VAE, this many runs without and with resume states")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     ds = data_mod.load_dataset(DataConfig(dataset=a.dataset, data_dir=a.data_dir))
+    if a.rqvae:
+        return bench_rqvae(ds, a.rqvae)
     splits = data_mod.split_leave_one_out(ds, 20)
     tr = splits["train"]
     # random semantic IDs of the real shape: throughput does not depend on which IDs
