@@ -1009,7 +1009,7 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: rerun the same command to continue after the last finished epoch", file=sys.stderr)
         return 130
     return 0
 

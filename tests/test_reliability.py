@@ -24,16 +24,17 @@ def start(out: Path, method: str = "gflowgr-tb", *extra: str) -> subprocess.Pope
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def kill_when(proc: subprocess.Popen, path_glob: tuple[Path, str], timeout: float = 120) -> str:
-    """SIGKILL proc as soon as a file matching the glob appears (the first per-epoch checkpoint); its output."""
+def kill_when(proc: subprocess.Popen, path_glob: tuple[Path, str], timeout: float = 120, sig=signal.SIGKILL) -> str:
+    """Signal proc (SIGKILL, or SIGINT = Ctrl-C) as soon as a file matching the glob appears
+    (the first per-epoch checkpoint); its output once it has ended."""
     folder, pattern = path_glob
     end = time.time() + timeout
     while time.time() < end:
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before it could be killed:\n{proc.stdout.read()[-2000:]}")
         if folder.exists() and any(folder.glob(pattern)):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
             return proc.stdout.read()
         time.sleep(0.02)
     proc.kill()
@@ -99,15 +100,19 @@ def test_killed_in_every_stage_resumes_to_the_same_numbers(whole_run, uninterrup
     assert rows == curve(whole_run / RUN)
 
 
-@pytest.mark.parametrize("method", ["dpo", "ppo"])
-def test_killed_baseline_resumes_to_the_same_numbers(whole_run, tmp_path, method):
-    """The baselines' own state survives a SIGKILL: DPO's rejected items (drawn once per run)
-    and PPO's value head, with its optimiser moments and the policy's random draws."""
+@pytest.mark.parametrize("method, sig", [("dpo", signal.SIGINT), ("ppo", signal.SIGKILL)])
+def test_killed_baseline_resumes_to_the_same_numbers(whole_run, tmp_path, method, sig):
+    """The baselines' own state survives an interruption: DPO's rejected items (drawn once per
+    run) and PPO's value head, with its optimiser moments and the policy's random draws.
+    DPO is stopped by Ctrl-C (SIGINT), PPO killed (SIGKILL)."""
     for name in ("whole", "killed"):  # both start from the same cached IDs, SFT model and CM
         shutil.copytree(whole_run / "toy", tmp_path / name / "toy")
     finish(start(tmp_path / "whole", method, "--ft-epochs", "2"))
     run = f"toy__{method}__seed42"
-    kill_when(start(tmp_path / "killed", method, "--ft-epochs", "2"), (tmp_path / "killed" / run, "resume.pt"))
+    proc = start(tmp_path / "killed", method, "--ft-epochs", "2")
+    out = kill_when(proc, (tmp_path / "killed" / run, "resume.pt"), sig=sig)
+    if sig == signal.SIGINT:  # Ctrl-C: one line saying what to do, exit status 130
+        assert proc.returncode == 130 and "interrupted: rerun the same command" in out and "Traceback" not in out
     out = finish(start(tmp_path / "killed", method, "--ft-epochs", "2"))
     assert f"[resume] {method} continues after epoch" in out
     assert "[stage] SFT" not in out  # the cached stages were used, not retrained
