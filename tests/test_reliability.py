@@ -175,8 +175,8 @@ def test_nan_mid_finetuning_stops_with_step_and_term_and_saves_no_nan(tmp_path, 
     import collab
     import train
 
-    poisoned = {"on": False}
-    real_score, real_evaluate = collab.SASRec.score, train.evaluate
+    poisoned, fine_tuning = {"on": False}, {"on": False}
+    real_score, real_evaluate, real_finetune = collab.SASRec.score, train.evaluate, train.finetune
 
     def score(self, *a):
         s = real_score(self, *a)
@@ -186,9 +186,6 @@ def test_nan_mid_finetuning_stops_with_step_and_term_and_saves_no_nan(tmp_path, 
         out = real_evaluate(*a, **k)
         poisoned["on"] = k.get("desc") == "valid" and fine_tuning["on"]
         return out
-
-    fine_tuning = {"on": False}
-    real_finetune = train.finetune
 
     def finetune(*a, **k):
         fine_tuning["on"] = True
