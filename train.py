@@ -1009,6 +1009,10 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # An object half built when the Ctrl-C landed (a tqdm bar, say) can fail in its __del__
+        # as the interrupted frames are freed, printing a traceback that is not the user's
+        # concern: the process is ending, so such destructor errors are dropped from here on.
+        sys.unraisablehook = lambda unraisable: None
         print("interrupted: rerun the same command to continue after the last finished epoch", file=sys.stderr)
         return 130
     return 0
