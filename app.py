@@ -148,6 +148,7 @@ def load_bundle(run_dir: Path) -> Bundle:
     if cm_path.exists():  # SFT runs train no CM; then r_c is 0 and there are no augmented items
         c = _load_checkpoint(cm_path, "the collaborative model")
         cm = collab.SASRec.from_state(c["model_args"], c["model"]).eval()
+        cm.cfg.score = cfg.cm.score  # the run's r_c mapping (not part of the CM's training)
     curves = []
     if (run_dir / "metrics.jsonl").exists():
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -204,6 +205,31 @@ def interesting_users(b: Bundle, max_users: int = 2000, seed: int = 0) -> dict:
             "scanned": len(idx)}
 
 
+@torch.no_grad()
+def balance_residuals(b: Bundle, n_users: int = 400, progress: float = 1.0, seed: int = 0) -> dict:
+    """Eq. (6)'s residual log Z(U) + sum_l log P_F - log R^beta of the observed and of the augmented
+    trajectories for n_users random test users (DB runs: log Z = log F(s_0), the telescoped TB).
+
+    Returns {"observed": array (n,), "augmented": array (n * K,), "users": n}; empty for non-GFlowGR runs.
+    """
+    from sampler import TrajectorySampler
+    from train import inspect_users
+
+    if b.objective is None or b.heads is None:
+        return {"observed": np.array([]), "augmented": np.array([]), "users": 0}
+    n = len(b.test["target"])
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_users]
+    sampler = TrajectorySampler(b.cm, len(b.titles), b.cfg.sampler, seed=seed) if b.cm is not None else None
+    obs, aug = [], []
+    for chunk in idx.split(100):
+        t = {k: v[chunk] for k, v in b.test.items()}
+        for u in inspect_users(b.sft_model, b.model, b.heads, b.cm, sampler, t["hist"], t["hist_len"], t["target"], b.cfg, progress):
+            for tr in u["trajectories"]:
+                start = u["log_z"] if b.objective == "tb" else tr["log_flow"][0]
+                (obs if tr["observed"] else aug).append(start + tr["log_pf_sum"] - tr["log_r"])
+    return {"observed": np.array(obs), "augmented": np.array(aug), "users": len(idx)}
+
+
 def entropy(log_p: np.ndarray) -> float:
     """Shannon entropy (nats) of a distribution given by its log-probabilities."""
     p = np.exp(log_p)
@@ -223,6 +249,11 @@ def cached_bundle(run_dir: str, stamp: float) -> Bundle:
 @st.cache_data(show_spinner=False, max_entries=64)
 def cached_user_view(run_dir: str, stamp: float, sample: int, progress: float) -> dict:
     return user_view(cached_bundle(run_dir, stamp), sample, progress)
+
+
+@st.cache_data(show_spinner="Computing the TB balance over test users...", max_entries=4)
+def cached_balance(run_dir: str, stamp: float, progress: float) -> dict:
+    return balance_residuals(cached_bundle(run_dir, stamp), progress=progress)
 
 
 @st.cache_data(show_spinner="Finding users where the two models disagree...", max_entries=4)
@@ -365,7 +396,30 @@ def _traj_name(b: Bundle, tr: dict, k: int) -> str:
     return ("observed " if tr["observed"] else f"augmented {k} ") + f"({tr['item']})"
 
 
-def panel_flows(b: Bundle, v: dict) -> None:
+def panel_balance(b: Bundle, run_dir: str, stamp: float, progress: float) -> None:
+    """Eq. (6) over many users: how far from balance the run is, observed against augmented trajectories."""
+    res = cached_balance(run_dir, stamp, progress)
+    if not res["users"]:
+        return
+    fig = go.Figure()
+    for name, r in (("observed tau", res["observed"]), ("augmented tau'", res["augmented"])):
+        if len(r):
+            fig.add_trace(go.Histogram(x=r, name=name, opacity=0.6, nbinsx=60, histnorm="probability"))
+    fig.update_layout(barmode="overlay", xaxis_title="log Z(U) + sum_l log P_F - log R^beta (nats)",
+                      yaxis_title="share of trajectories", height=320, margin=dict(t=20))
+    c1, c2 = st.columns([3, EXPLAIN_WIDTH])
+    c1.plotly_chart(fig, width="stretch", key="balance")
+    with c2:
+        med = lambda r: float(np.median(np.abs(r))) if len(r) else float("nan")
+        st.metric("median |residual|, observed", f"{med(res['observed']):.2f}")
+        st.metric("median |residual|, augmented", f"{med(res['augmented']):.2f}")
+        explain(f"The TB balance of Eq. (6) for {res['users']} random test users (augmented items at the curriculum "
+                "position in the sidebar). A balanced GFlowNet has every residual at 0; a positive residual means "
+                "the policy gives the trajectory more probability than its reward asks for. DB runs use log F(s_0) as "
+                "log Z (the DB residuals telescope to this one).")
+
+
+def panel_flows(b: Bundle, v: dict, run_dir: str | None = None, stamp: float = 0.0, progress: float = 1.0) -> None:
     st.header("Forward probabilities and flows")
     trajs = v["trajectories"]
     names = [_traj_name(b, tr, k) for k, tr in enumerate(trajs)]
@@ -405,6 +459,8 @@ def panel_flows(b: Bundle, v: dict) -> None:
             st.metric("log Z(U)", f"{v['log_z']:.2f}")
             explain("Eq. (6), trajectory balance: log Z(U) + sum_l log P_F(t_l | U, s_{l-1}) = log R(s_L). The two bars "
                     "of a trajectory are equal when TB is satisfied; their squared gap is L_TB.")
+    if b.objective is not None and run_dir is not None:
+        panel_balance(b, run_dir, stamp, progress)
     if b.objective is None:
         st.info("This run has no GFlowNet heads (it is not a GFlowGR run): log F and log Z are not defined. "
                 "Pick a gflowgr-db or gflowgr-tb run to see Eq. (5) and (6).")
@@ -462,11 +518,21 @@ def panel_training(b: Bundle) -> None:
         return
     keys = sorted({k for r in curves for k in r if k.startswith("loss/")})
     groups = [("Losses", keys, "explain_loss"), ("log Z", ["gfn/log_z"], "explain_z"),
+              ("TB residual |log Z + sum log P_F - log R|, batch mean", ["gfn/residual_obs", "gfn/residual_aug"], "explain_res"),
+              ("Gradient norms before clipping at 1", ["grad/gr", "grad/gfn", "grad/total"], "explain_grad"),
+              ("Clipping at norm 1 scaled the step (1) or not (0)", ["charts/clipped"], "explain_clip"),
               ("Curriculum: mean CM score of the sampled augmented items", ["sampler/cm_score"], "explain_cur"),
               ("Validation per epoch", [k for k in ("eval/valid_hr@10", "eval/valid_ndcg@10", "eval/valid_hr@5",
                                                     "eval/valid_ndcg@5")], "explain_val")]
     text = {"explain_loss": "L_GR (Eq. 1), the weighted GFlowNet term lambda sum w L_GFN (Eq. 8), or a baseline's loss, per logged step.",
             "explain_z": "The TB normaliser log Z(U) averaged over the batch (a scalar with --log-z scalar).",
+            "explain_res": "How far Eq. (6) is from balance during training, for the observed trajectory tau and the "
+                           "augmented ones tau' (DB: telescoped, log Z = log F(s_0)). A balanced GFlowNet has both near 0.",
+            "explain_grad": "The L2 norm of the gradient of L_GR (Eq. 1) and of lambda sum w L_GFN (Eq. 8) alone, and of "
+                            "their sum, before clipping. When grad/gfn is hundreds of times grad/gr, the clipped step is "
+                            "almost all GFlowNet term.",
+            "explain_clip": "1 when the total gradient norm exceeded 1 and clipping scaled the step down, else 0 "
+                            "(per logged step).",
             "explain_cur": "Sec. 3.1: the adaptive sampler slides its window from low-CM-score (easy) to high-score (hard) "
                            "augmented items as training proceeds.",
             "explain_val": "Validation HR/NDCG after each epoch (beam search on the preset's validation users)."}
@@ -479,7 +545,7 @@ def panel_training(b: Bundle) -> None:
             pts = [(r["step"], r[k]) for r in curves if k in r and r[k] is not None]
             fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers" if "eval" in k else "lines", name=k))
         fig.update_layout(title=title, xaxis_title="step", height=300, margin=dict(t=40))
-        if title == "Losses" and len(ks) > 1:
+        if (title == "Losses" and len(ks) > 1) or title.startswith("Gradient"):
             fig.update_layout(yaxis_type="log")
         c1, c2 = st.columns([3, EXPLAIN_WIDTH])
         c1.plotly_chart(fig, width="stretch", key=f"train_{ex}")
@@ -533,7 +599,7 @@ def main() -> None:
     panel_user(b, v)
     panel_lists(b, v, ft_name)
     panel_tree(b, v, ft_name)
-    panel_flows(b, v)
+    panel_flows(b, v, str(run_dir), stamp, float(progress))
     panel_rewards(b, v)
     panel_distributions(b, v, ft_name)
     panel_training(b)

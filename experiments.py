@@ -460,6 +460,153 @@ def exposure_figure(s: dict, names: list[str]) -> go.Figure:
 
 
 # ----------------------------------------------------------------------------------------
+# Fusion: the ceiling of what the CM's knowledge can add to the GR
+# ----------------------------------------------------------------------------------------
+
+FUSION_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+FUSION_POOL = 50  # the SFT model's beam top-50 is re-ranked
+
+
+@torch.no_grad()
+def fusion_pool(model: GRModel, cm, t: dict, cfg: train.Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SFT model's beam top-FUSION_POOL items per sample, their log P_GR and the CM's logits, each (N, pool)."""
+    tc = copy.copy(cfg.train)
+    tc.beam, tc.topk = max(cfg.train.beam, FUSION_POOL), FUSION_POOL
+    items, log_p = train.recommend(model, t, tc, desc="fusion pool")
+    logits = torch.empty(items.shape)
+    for chunk in torch.arange(len(items)).split(1024):
+        hl = t["hist_len"][chunk]
+        logits[chunk] = cm.logits(train.trim(t["hist"][chunk], hl), hl, items[chunk].clamp_min(0).to(hl.device)).cpu()
+    pad = items < 0  # fewer real items than the pool (tiny catalogues)
+    return items, log_p.masked_fill(pad, float("-inf")), logits.masked_fill(pad, 0.0)
+
+
+def fused_topk(items: torch.Tensor, log_p: torch.Tensor, logits: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
+    """Top-k of the pool by log P_GR(v | U) + alpha * s_CM(v, U): (N, k)."""
+    order = torch.argsort(log_p + alpha * logits, dim=1, descending=True, stable=True)[:, :k]
+    return items.gather(1, order)
+
+
+@torch.no_grad()
+def r_c_distribution(cm, t: dict, n_items: int, seed: int, n_users: int = 2000, n_random: int = 50) -> dict:
+    """r_c of the observed item against uniformly random items, for each mapping of collab.CM_SCORES.
+
+    {mapping: {"observed": {mean, q10, q50, q90}, "random": {...}}} over n_users random samples.
+    """
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(t["target"]), generator=g)[:n_users]
+    hist, hl, target = t["hist"][idx], t["hist_len"][idx], t["target"][idx]
+    rand = torch.randint(0, n_items, (len(idx), n_random), generator=g).to(target.device)
+    saved, out = cm.cfg.score, {}
+    q = lambda x: {"mean": float(x.mean()), "q10": float(x.quantile(0.1)), "q50": float(x.quantile(0.5)),
+                   "q90": float(x.quantile(0.9))}
+    try:
+        for mapping in collab.CM_SCORES:
+            cm.cfg.score = mapping
+            out[mapping] = {"observed": q(cm.score(hist, hl, target[:, None]).flatten().cpu()),
+                            "random": q(cm.score(hist, hl, rand).flatten().cpu())}
+    finally:
+        cm.cfg.score = saved
+    return out
+
+
+def study_fusion(cfg: train.Config, log=print) -> dict:
+    """SFT's beam top-50 re-ranked by log P_GR + alpha * CM logit, alpha chosen on validation NDCG@10."""
+    seeds = seeds_of(cfg)
+    device = train.resolve_device(cfg.train.device)
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
+    tensors = {name: train.to_tensors(splits[name], device) for name in ("valid", "test")}
+    per_seed = []
+    for seed in seeds:
+        c = study_config(cfg, "sft", seed, {})
+        log(f"\n=== fusion: SFT, seed {seed} ===")
+        sft_metrics = train.run_or_reuse(c, log)
+        model = load_model(c, device)
+        cm, cm_info = collab.load_or_train(ds, splits, c.cm, Path(c.train.out) / ds.name, device, log)
+        cm.to(device).eval()
+        pools = {name: fusion_pool(model, cm, tensors[name], c) for name in tensors}
+        curve = {name: [M.ranking_metrics(fused_topk(*pools[name], a, cfg.train.topk), tensors[name]["target"].cpu())
+                        for a in FUSION_WEIGHTS] for name in tensors}
+        best = max(range(len(FUSION_WEIGHTS)), key=lambda i: curve["valid"][i]["ndcg@10"])  # chosen on validation
+        per_seed.append({"seed": seed, "alpha": FUSION_WEIGHTS[best], "fusion": {n: curve[n][best] for n in curve},
+                         "sft": {n: sft_metrics[n] for n in ("valid", "test")}, "cm": {n: cm_info[n] for n in ("valid", "test")},
+                         "curve": {n: [m["ndcg@10"] for m in curve[n]] for n in curve},
+                         "r_c": r_c_distribution(cm, tensors["valid"], ds.n_items, seed)})
+        log(f"fusion, seed {seed}: alpha {FUSION_WEIGHTS[best]} (valid NDCG@10 {curve['valid'][best]['ndcg@10']:.4f}), "
+            f"test HR@10 {curve['test'][best]['hr@10']:.4f} against SFT {sft_metrics['test']['hr@10']:.4f}")
+    rows = {name: {k: results.seed_stats([p[name]["test"][k] for p in per_seed]) for k in METRICS}
+            for name in ("sft", "cm", "fusion")}
+    summary = {"study": "fusion", "dataset": cfg.data.dataset, "backbone": cfg.train.backbone, "seeds": seeds,
+               "weights": FUSION_WEIGHTS, "pool": FUSION_POOL, "per_seed": per_seed, "rows": rows}
+    lines = [f"# Fusion ceiling: SFT's beam top-{FUSION_POOL} re-ranked by log P_GR + alpha * CM logit, "
+             f"{cfg.data.dataset} ({cfg.train.backbone.upper()}), test split, seeds {', '.join(map(str, seeds))}", "",
+             "| model | " + " | ".join(m.upper() for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for name, label in (("sft", "SFT"), ("cm", "CM (SASRec)"), ("fusion", "SFT + CM fusion")):
+        lines.append(f"| {label} | " + " | ".join(_fmt(rows[name][k]) for k in METRICS) + " |")
+    lines += ["", "alpha chosen on validation NDCG@10 from " + ", ".join(f"{a:g}" for a in FUSION_WEIGHTS) + ": "
+              + ", ".join(f"seed {p['seed']}: {p['alpha']:g}" for p in per_seed) + ".", "",
+              "## r_c of the observed item against 50 random items (validation users, first seed)", "",
+              "| mapping | observed: mean (q10 / q50 / q90) | random: mean (q10 / q50 / q90) |", "|---|---|---|"]
+    for mapping, d in per_seed[0]["r_c"].items():
+        f = lambda x: f"{x['mean']:.3f} ({x['q10']:.3f} / {x['q50']:.3f} / {x['q90']:.3f})"
+        lines.append(f"| {mapping} | {f(d['observed'])} | {f(d['random'])} |")
+    fig = go.Figure([go.Scatter(x=list(FUSION_WEIGHTS), y=per_seed[0]["curve"][n], mode="lines+markers", name=n)
+                     for n in ("valid", "test")])
+    fig.update_layout(title=f"Fusion weight alpha against NDCG@10 (seed {per_seed[0]['seed']})", xaxis_title="alpha",
+                      yaxis_title="NDCG@10")
+    return write_outputs(cfg, "fusion", "\n".join(lines) + "\n", summary, fig, log)
+
+
+# ----------------------------------------------------------------------------------------
+# The paper's regime: fine-tuning an under-trained SFT
+# ----------------------------------------------------------------------------------------
+
+REGIME_METHODS = ("gflowgr-tb", "sft-continued", "sdpo")
+
+
+def study_paper_regime(cfg: train.Config, log=print) -> dict:
+    """Train an SFT stopped early (--regime-epochs, a full schedule of that length), fine-tune it with
+    GFlowGR-TB, SFT-continued and S-DPO for the same budget, and test whether GFlowGR's gain over
+    that SFT exceeds SFT-continued's (one-sided Welch t-test over seeds)."""
+    seeds = seeds_of(cfg)
+    regime = {"train.epochs": cfg.train.regime_epochs, "train.tag": "paper-regime"}
+    values = {name: {k: [] for k in METRICS} for name in ("sft", *REGIME_METHODS)}
+    valid = {name: [] for name in values}
+    for seed in seeds:
+        for method in ("sft", *REGIME_METHODS):
+            c = study_config(cfg, method, seed, regime)
+            log(f"\n=== paper-regime: {method}, seed {seed} ({train.run_dir(c).name}) ===")
+            m = train.run_or_reuse(c, log)
+            for k in METRICS:
+                values[method][k].append(m["test"][k])
+            valid[method].append(m["valid"]["hr@10"])
+    stats = {name: {k: results.seed_stats(v) for k, v in d.items()} for name, d in values.items()}
+    gains = {name: {k: [a - b for a, b in zip(values[name][k], values["sft"][k])] for k in METRICS} for name in REGIME_METHODS}
+    tests = {k: results.welch_greater(gains["gflowgr-tb"][k], gains["sft-continued"][k])[1] for k in METRICS}  # p
+    summary = {"study": "paper-regime", "dataset": cfg.data.dataset, "backbone": cfg.train.backbone, "seeds": seeds,
+               "regime_epochs": cfg.train.regime_epochs, "test": stats, "valid_hr@10": valid,
+               "gains": {n: {k: results.seed_stats(v) for k, v in g.items()} for n, g in gains.items()},
+               "welch_gflowgr_gain_gt_sft_continued_gain": tests}
+    lines = [f"# The paper's regime: fine-tuning an SFT trained for {cfg.train.regime_epochs} epochs, {cfg.data.dataset} "
+             f"({cfg.train.backbone.upper()}), test split, seeds {', '.join(map(str, seeds))}", "",
+             "| model | " + " | ".join(m.upper() for m in METRICS) + " | gain in HR@10 over this SFT |",
+             "|---|" + "---|" * (len(METRICS) + 1)]
+    for name in ("sft", *REGIME_METHODS):
+        gain = _fmt(summary["gains"][name]["hr@10"]) if name in gains else "–"
+        lines.append(f"| {results.display(name)} | " + " | ".join(_fmt(stats[name][k]) for k in METRICS) + f" | {gain} |")
+    lines += ["", f"Paper, TIGER-SFT on Beauty: HR@10 {PAPER_SFT_TIGER_BEAUTY[1]}.", "",
+              "One-sided Welch t-test, gain of GFlowGR-TB > gain of SFT-continued: "
+              + ", ".join(f"{k.upper()} p = {tests[k]:.3g}" if tests[k] == tests[k] else f"{k.upper()} p = –" for k in METRICS)
+              + " (needs 2 or more seeds)."]
+    fig = go.Figure([go.Bar(x=[results.display(n) for n in REGIME_METHODS],
+                            y=[summary["gains"][n]["hr@10"]["mean"] for n in REGIME_METHODS],
+                            error_y=dict(array=[np.nan_to_num(summary["gains"][n]["hr@10"]["std"]) for n in REGIME_METHODS]))])
+    fig.update_layout(title="Gain in test HR@10 over the under-trained SFT", yaxis_title="HR@10 gain")
+    return write_outputs(cfg, "paper-regime", "\n".join(lines) + "\n", summary, fig, log)
+
+
+# ----------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------
 
@@ -477,4 +624,8 @@ def run_study(cfg: train.Config, log=print) -> dict:
         return study_diversity(cfg, log)
     if study == "exposure":
         return study_exposure(cfg, log)
+    if study == "fusion":
+        return study_fusion(cfg, log)
+    if study == "paper-regime":
+        return study_paper_regime(cfg, log)
     raise DataError(f"unknown study {study!r}: choose one of {', '.join(train.STUDIES)}")

@@ -330,15 +330,17 @@ class GFlowNetHeads(nn.Module):
       prefix (Eq. 5). The terminal flow is not learned: log F(s_L) = log R (Sec. 3.3).
     - log Z: the paper calls Z a global scalar approximating F(s_0) (Sec. 2). But every user
       is a different GFlowNet (a different reward over items), so Z = sum_v R(U, v) differs
-      per user; the default is a user-conditioned head log Z(U) on the pooled encoder output,
-      and `log_z="scalar"` is the paper's single learned number.
+      per user; `log_z="user"` is a user-conditioned head log Z(U) on the pooled encoder output,
+      `log_z="scalar"` the paper's single learned number, and `log_z="vargrad"` learns no Z at
+      all: it is estimated in closed form from each sample's own trajectories
+      (`losses.vargrad_log_z`), so this module's log_z is not used.
     They start untrained on top of an SFT backbone and get their own (larger) learning rate.
     """
 
     def __init__(self, d_model: int, log_z: str = "user"):
         super().__init__()
-        if log_z not in ("user", "scalar"):
-            raise ValueError(f"log_z must be 'user' or 'scalar', got {log_z!r}")
+        if log_z not in ("user", "scalar", "vargrad"):
+            raise ValueError(f"log_z must be 'user', 'scalar' or 'vargrad', got {log_z!r}")
         self.log_z_mode = log_z
         self.flow = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1))
         self.z_user = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, 1))
@@ -358,6 +360,8 @@ class GFlowNetHeads(nn.Module):
 
     def log_z(self, mem: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Encoder memory (B, S, d) and its mask (B, 1, 1, S) -> log Z(U) (B,)."""
+        if self.log_z_mode == "vargrad":
+            raise ValueError("log_z='vargrad' is computed from the trajectories: use losses.vargrad_log_z")
         if self.log_z_mode == "scalar":
             return self.z_scalar.expand(mem.shape[0])
         valid = mask[:, 0, 0, :, None].float()  # (B, S, 1)

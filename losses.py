@@ -78,6 +78,24 @@ def tb_loss(log_z: torch.Tensor, log_pf: torch.Tensor, log_r: torch.Tensor) -> t
     return residual**2
 
 
+def vargrad_log_z(log_pf: torch.Tensor, log_r: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Closed-form log Z of each sample from its own M = 1 + K trajectories (the variance form of TB,
+    "VarGrad": Richter et al. 2020; Zhang et al. 2023, "Robust scheduling with GFlowNets").
+
+    \hat{\log Z} = \frac{\sum_m w_m (\log R(\tau_m) - \sum_l \log P_F(\tau_m))}{\sum_m w_m}
+
+    is the log Z that minimises sum_m w_m L_TB(tau_m) for this sample, so Eq. (6) with it is the
+    weighted variance of log R - sum log P_F over the sample's trajectories: TB then matches
+    log-probability *ratios* to reward ratios, with no learned Z that may lag behind.
+    The estimate is detached: the gradient through it is sum_m w_m residual_m = 0 anyway.
+
+    log_pf (B, M, L), log_r (B, M), w (B, M) (default 1) -> log Z (B,).
+    """
+    x = (log_r - log_pf.sum(-1)).detach()  # (B, M): the log Z each trajectory alone would need
+    w = torch.ones_like(x) if w is None else w.detach()
+    return (w * x).sum(1) / w.sum(1)
+
+
 def db_loss(log_flow: torch.Tensor, log_pf: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
     r"""Detailed balance, Eq. (5), with P_B = 1 and F(s_L) = R(s_L).
 
@@ -105,21 +123,26 @@ def gflowgr_loss(log_pf: torch.Tensor, log_r: torch.Tensor, *, objective: str, r
     """Eq. (7)/(8): L_GR on the observed trajectory + lambda * sum_kappa w(kappa) L_GFN(kappa).
 
     log_pf (B, M, L) with column 0 the observed item; log_r, r_a, r_c (B, M); log_z (B,) for
-    TB; log_flow (B, M, L) for DB. Returns the batch-mean loss and its parts for logging.
+    TB (None: the closed-form estimate of `vargrad_log_z`); log_flow (B, M, L) for DB.
+    Returns the batch-mean loss and its parts for logging; parts["_l_gr"] and parts["_l_gfn"]
+    are the two terms with their graphs (for measuring their gradients), the rest detached.
     """
+    # Eq. (7) uses w = 1; Eq. (8) the inverse squared disagreement of r_a and r_c
+    w = trajectory_weight(r_a, r_c) if weighted else torch.ones_like(log_r)  # (B, M)
     if objective == "tb":
+        if log_z is None:  # the closed-form (VarGrad) log Z of each sample, with the same weights
+            log_z = vargrad_log_z(log_pf, log_r, w)
         l_gfn = tb_loss(log_z[:, None], log_pf, log_r)  # (B, M)
     elif objective == "db":
         l_gfn = db_loss(log_flow, log_pf, log_r)  # (B, M)
     else:
         raise ValueError(f"objective must be 'tb' or 'db', got {objective!r}")
-    # Eq. (7) uses w = 1; Eq. (8) the inverse squared disagreement of r_a and r_c
-    w = trajectory_weight(r_a, r_c) if weighted else torch.ones_like(l_gfn)
     l_gr = gr_loss(log_pf[:, 0])
     # Eq. (8): L = L_GR + lambda * sum_{kappa in {tau, tau'}} w(kappa) L_GFN(kappa)
     l_gfn_total = (w * l_gfn).sum(1).mean()
     loss = l_gr + lam * l_gfn_total
-    return loss, {"loss/gr": l_gr.detach(), "loss/gfn": l_gfn_total.detach(), "weight/mean": w.mean().detach()}
+    return loss, {"loss/gr": l_gr.detach(), "loss/gfn": l_gfn_total.detach(), "weight/mean": w.mean().detach(),
+                  "_l_gr": l_gr, "_l_gfn": lam * l_gfn_total}
 
 
 # ----------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ would like but never interacted with). `random` picks K candidates uniformly (th
 Where the N candidates come from (the paper does not say): `random` draws them uniformly
 from the catalogue; `policy` takes the current model's own top-N items for U (trie beam
 search, beam N, no gradient), i.e. the unobserved items the generator already ranks high,
-which are the ones the GFlowNet loss can re-rank. Items in the history or equal to v are
-replaced by uniform draws in both cases.
+which are the ones the GFlowNet loss can re-rank; `cm` takes the CM's own top-N items for U
+outside the history and v, the "potential positives" of Sec. 3.1. Items in the history or
+equal to v are replaced by uniform draws (random, policy) or never proposed (cm).
 
 Usage: `aug, r_c_aug = TrajectorySampler(cm, n_items, SamplerConfig()).sample(hist, hist_len, target, progress)`
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 SAMPLERS = ("adaptive", "random", "none")
-CANDIDATES = ("random", "policy")
+CANDIDATES = ("random", "policy", "cm")
 
 
 @dataclass
@@ -34,7 +35,7 @@ class SamplerConfig:
     sampler: str = field(default="adaptive", metadata={"help": "augmented-item sampler: adaptive | random | none"})
     K: int = field(default=3, metadata={"help": "augmented trajectories per sample (0 with --sampler none)"})
     n_candidates: int = field(default=50, metadata={"help": "N: candidates scored by the CM per sample"})
-    candidates: str = field(default="random", metadata={"help": "candidate source: random (uniform) | policy (the model's own top-N)"})
+    candidates: str = field(default="random", metadata={"help": "candidate source: random (uniform) | policy (the model's own top-N) | cm (the CM's top-N)"})
 
 
 class TrajectorySampler:
@@ -67,6 +68,15 @@ class TrajectorySampler:
         raise ValueError("could not draw candidates outside the history: the catalogue is too small for --n-candidates")
 
     @torch.no_grad()
+    def cm_top(self, hist: torch.Tensor, hist_len: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The CM's N highest-scored items for U that are neither in the history nor the target: (B, N)."""
+        full = self.cm.full_scores(hist, hist_len)  # (B, n_items) logits
+        full = torch.cat([full, full.new_zeros(len(full), 1)], 1)  # a spare column for the padding (-1) ids
+        full.scatter_(1, torch.where(hist >= 0, hist, self.n_items), float("-inf"))  # history items
+        full.scatter_(1, target[:, None], float("-inf"))  # the observed item v
+        return full[:, : self.n_items].topk(self.cfg.n_candidates, dim=1).indices
+
+    @torch.no_grad()
     def sample(self, hist: torch.Tensor, hist_len: torch.Tensor, target: torch.Tensor, progress: float, model=None):
         """Returns augmented items (B, K) and their CM scores r_c (B, K), on the device of hist.
 
@@ -81,6 +91,8 @@ class TrajectorySampler:
             model.eval()  # no dropout while proposing
             top, _ = model.beam_search(hist, hist_len, self.cfg.n_candidates, self.cfg.n_candidates)  # (B, N)
             model.train(was_training)
+        elif self.cfg.candidates == "cm":
+            top = self.cm_top(hist, hist_len, target)  # (B, N)
         cand = self.candidates(hist, target, top).to(dev)  # (B, N)
         score = self.cm.score(hist, hist_len, cand)  # (B, N) in [0, 1]: y_CM(v'_n, U)
         N = cand.shape[1]

@@ -40,7 +40,7 @@ import data as data_mod
 from collab import CollabConfig
 from data import DataConfig, DataError, Split
 from gflowgr import GFlowNetHeads, GRModel, ModelConfig
-from losses import REWARD_TERMS, gflowgr_loss, gr_loss, log_reward, reward, trajectory_weight
+from losses import REWARD_TERMS, gflowgr_loss, gr_loss, log_reward, reward, trajectory_weight, vargrad_log_z
 from metrics import ranking_metrics
 from sampler import CANDIDATES, SAMPLERS, SamplerConfig, TrajectorySampler
 from tokenizer import TokenizerConfig, Trie, build_semantic_ids, embed_texts
@@ -52,7 +52,8 @@ FINETUNE_METHODS = METHODS[1:]
 TABLE_BASELINES, TABLE_GFLOWGR = results.BASELINES, results.GFLOWGR  # in the paper's row order
 TABLE_METHODS = (*TABLE_BASELINES, *TABLE_GFLOWGR, "sft-continued")
 BACKBONES = ("tiger", "letter")
-STUDIES = ("ablation", "k", "lambda", "diversity", "exposure")  # experiments.py
+LOG_Z_FORMS = ("user", "scalar", "vargrad")  # gflowgr.GFlowNetHeads; vargrad: losses.vargrad_log_z
+STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-regime")  # experiments.py
 # The settings the studies vary (Table 2, Fig. 3). A GFlowGR run whose config differs from
 # the default in any of them is a variant: its folder name says how (see `variant`), so an
 # ablation never overwrites the full model and identical configs share one run.
@@ -79,7 +80,9 @@ class TrainConfig:
     topk: int = field(default=10, metadata={"help": "length of the recommendation list"})
     eval_batch: int = field(default=512, metadata={"help": "users per beam-search batch"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
-    study: str = field(default="", metadata={"help": "run an analysis study instead of one run: ablation | k | lambda | diversity | exposure (experiments.py, writes results/<dataset>_<study>.*)"})
+    study: str = field(default="", metadata={"help": "run an analysis study instead of one run: ablation | k | lambda | diversity | exposure | fusion | paper-regime (experiments.py, writes results/<dataset>_<study>.*)"})
+    tag: str = field(default="", metadata={"help": "a name appended to the run folder (<method>+<tag>), to keep a study's runs apart"})
+    regime_epochs: int = field(default=3, metadata={"help": "paper-regime study: SFT epochs of the under-trained starting point (chosen on validation)"})
     diversity_users: int = field(default=200, metadata={"help": "diversity study: test users whose whole item distribution P(v|U) is computed (~1 s each on a CPU for Beauty; 0 = all)"})
 
 
@@ -92,7 +95,7 @@ class FinetuneConfig:
     lam: float = field(default=1.0, metadata={"help": "lambda of Eq. (7)/(8): weight of the GFlowNet loss", "flag": "--lambda"})
     reward: str = field(default="ra,rc,rsim", metadata={"help": "reward terms, any subset of ra,rc,rsim (Sec. 3.2)"})
     weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
-    log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z)"})
+    log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z) | vargrad (closed form from each sample's 1 + K trajectories)"})
     reward_beta: float = field(default=3.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1; 3 was best on Beauty valid)"})
     sft_prior: bool = field(default=False, metadata={"help": "reward times the frozen SFT likelihood: target P_SFT(v|U) R^beta / Z(U)"})
     rsim_dedup: bool = field(default=False, metadata={"help": "count the dedup (collision) token in r_sim too (default: semantic levels only)"})
@@ -124,9 +127,10 @@ PRESETS = {
     "yelp": {"train.epochs": 40, "train.patience": 6, "train.eval_users": 10000, "cm.lr": 2e-3},
 }
 # TrainConfig fields that do not change the SFT model, so are left out of its cache key
-NOT_SFT_SETTINGS = ("method", "backbone", "seeds", "device", "out", "eval_batch", "threads", "study", "diversity_users")
+NOT_SFT_SETTINGS = ("method", "backbone", "seeds", "device", "out", "eval_batch", "threads", "study", "diversity_users",
+                    "tag", "regime_epochs")
 # ... and those that do not change a run's result, so a finished run is reused whatever they are
-NOT_RUN_SETTINGS = ("seeds", "study", "diversity_users", "threads", "eval_batch", "out")
+NOT_RUN_SETTINGS = ("seeds", "study", "diversity_users", "threads", "eval_batch", "out", "regime_epochs")
 DERIVED = {"model.max_his_len", "cm.seed"}  # filled from data.max_his_len / train.seed after parsing
 FLAG_PREFIX = {"cm": "cm-"}  # SASRec's fields share names with the GR's (epochs, lr, ...)
 
@@ -189,6 +193,8 @@ def config_from_dict(d: dict) -> Config:
         for name, value in (d.get(group.name) or {}).items():
             if name in known:
                 setattr(sub, name, value)
+    if "cm" in d and "loss" not in d["cm"]:
+        cfg.cm.loss = "bce"  # runs from before --cm-loss trained their CM with SASRec's BCE
     return cfg
 
 
@@ -209,6 +215,10 @@ def finalize(cfg: Config) -> Config:
         raise DataError("--id-method letter is the LETTER backbone: use --backbone letter")
     if t.study and t.study not in STUDIES:
         raise DataError(f"unknown study {t.study!r}: choose one of {', '.join(STUDIES)}")
+    if t.tag and not all(ch.isalnum() or ch == "-" for ch in t.tag):
+        raise DataError(f"--tag may hold letters, digits and '-' only (got {t.tag!r}): it becomes part of a folder name")
+    if t.regime_epochs < 1:
+        raise DataError(f"--regime-epochs must be >= 1 (got {t.regime_epochs})")
     if t.diversity_users < 0:
         raise DataError(f"--diversity-users must be >= 0 (got {t.diversity_users})")
     if t.method == "all" and not t.seeds:
@@ -232,8 +242,17 @@ def finalize(cfg: Config) -> Config:
     terms = [x for x in ft.reward.split(",") if x]
     if not terms or set(terms) - set(REWARD_TERMS):
         raise DataError(f"--reward must be a comma-separated subset of {','.join(REWARD_TERMS)} (got {ft.reward!r})")
-    if ft.log_z not in ("user", "scalar"):
-        raise DataError(f"--log-z must be user or scalar (got {ft.log_z!r})")
+    if ft.log_z not in LOG_Z_FORMS:
+        raise DataError(f"--log-z must be one of {', '.join(LOG_Z_FORMS)} (got {ft.log_z!r})")
+    if ft.log_z == "vargrad" and (sp.K == 0 or sp.sampler == "none") and t.method == "gflowgr-tb":
+        raise DataError("--log-z vargrad estimates log Z from each sample's 1 + K trajectories: it needs --K >= 1 "
+                        "and a sampler (with K = 0 the TB residual is 0 by construction)")
+    if cfg.cm.loss not in collab.CM_LOSSES:
+        raise DataError(f"--cm-loss must be one of {', '.join(collab.CM_LOSSES)} (got {cfg.cm.loss!r})")
+    if cfg.cm.score not in collab.CM_SCORES:
+        raise DataError(f"--cm-score must be one of {', '.join(collab.CM_SCORES)} (got {cfg.cm.score!r})")
+    if cfg.cm.negatives < 1:
+        raise DataError(f"--cm-negatives must be >= 1 (got {cfg.cm.negatives})")
     return cfg
 
 
@@ -253,15 +272,16 @@ def variant(cfg: Config) -> str:
     >>> c = Config(); c.train.method, c.sampler.K, c.ft.lam = "gflowgr-tb", 0, 10.0; variant(c)
     'K0+lambda10'
     """
+    tag = [cfg.train.tag] if cfg.train.tag else []
     if cfg.train.method not in OBJECTIVE:
-        return ""
+        return "+".join(tag)
     base, parts = Config(), []
     for dotted, fmt in VARIANT_FIELDS:
         group, name = dotted.split(".")
         value = getattr(getattr(cfg, group), name)
         if value != getattr(getattr(base, group), name):
             parts.append(fmt.format(f"{value:g}" if isinstance(value, float) else str(value).replace(",", "-")))
-    return "+".join(parts)
+    return "+".join(parts + tag)
 
 
 def run_dir(cfg: Config) -> Path:
@@ -631,7 +651,11 @@ def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, c
 
 def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: float, cfg: Config, objective: str,
                  prior: GRModel | None = None):
-    """One GFlowGR batch: sample tau', score rewards, compute Eq. (8). Returns loss, parts, stats.
+    """One GFlowGR batch: sample tau', score rewards, compute Eq. (8). Returns loss, parts, stats, terms.
+
+    parts: the loss terms (detached, logged); stats: log Z, log R, the mean absolute TB residual
+    of the observed and of the augmented trajectories, the curriculum's CM score; terms: L_GR
+    and lambda * L_GFN with their graphs (finetune measures their gradient norms from them).
 
     prior (--sft-prior): the frozen SFT model; log R += log P_SFT(v | U), so the balanced
     policy is the SFT distribution tilted by the reward, P_SFT(v|U) R(v)^beta / Z(U).
@@ -646,16 +670,41 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     if prior is not None:
         with torch.no_grad():
             log_r = log_r + prior.trajectories(hist, hist_len, items)[0].sum(-1)  # + log P_SFT(v | U)
-    log_z = heads.log_z(mem, mask) if objective == "tb" else None  # (B,)
+    if objective == "tb" and ft.log_z == "vargrad":
+        # closed-form log Z of each sample from its own 1 + K trajectories (losses.vargrad_log_z)
+        w = trajectory_weight(rew["r_a"], r_c) if ft.weight else torch.ones_like(log_r)  # (B, M), as in Eq. (8)
+        log_z = vargrad_log_z(log_pf, log_r, w)  # (B,)
+    else:
+        log_z = heads.log_z(mem, mask) if objective == "tb" else None  # (B,)
     log_flow = heads.log_flow(h) if objective == "db" else None  # (B, M, L)
     loss, parts = gflowgr_loss(log_pf, log_r, objective=objective, r_a=rew["r_a"], r_c=r_c, log_z=log_z,
                                log_flow=log_flow, lam=ft.lam, weighted=ft.weight)
+    terms = {"gr": parts.pop("_l_gr"), "gfn": parts.pop("_l_gfn")}  # with their graphs, for the gradient norms
     parts["gfn/balance_offset"] = (log_r - log_pf.sum(-1)).mean().detach()  # the log Z that balances the batch on average
+    # Eq. (6)'s residual log Z + sum_l log P_F - log R per trajectory (DB: telescoped, log Z = log F(s_0))
+    with torch.no_grad():
+        start = log_z[:, None] if log_z is not None else log_flow[..., 0]  # (B, 1) or (B, M)
+        residual = (start + log_pf.sum(-1) - log_r).abs()  # (B, M)
     stats = {"gfn/log_z": (log_z if log_z is not None else log_flow[:, 0, 0]).mean().item(),
              "gfn/log_r_obs": log_r[:, 0].mean().item(),
              "gfn/log_r_aug": log_r[:, 1:].mean().item() if log_r.shape[1] > 1 else float("nan"),
+             "gfn/residual_obs": residual[:, 0].mean().item(),
+             "gfn/residual_aug": residual[:, 1:].mean().item() if log_r.shape[1] > 1 else float("nan"),
              "sampler/cm_score": r_c_aug.mean().item() if r_c_aug.numel() else float("nan")}
-    return loss, parts, stats
+    return loss, parts, stats, terms
+
+
+def grad_norms(terms: dict, params: list) -> dict:
+    """The L2 norm of the gradient of each loss term alone (before clipping), e.g. L_GR and lambda L_GFN.
+
+    Uses autograd.grad with the graph kept, so nothing accumulates into .grad and the step that
+    follows is the same as without this measurement.
+    """
+    out = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        out[f"grad/{name}"] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None) or torch.zeros(())))
+    return out
 
 
 def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, method: str, logger: JsonlLogger, log=print,
@@ -696,10 +745,12 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
     if extra_params:
         groups.append({"params": extra_params, "lr": ft.head_lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups)
+    params = [*model.parameters(), *extra_params]  # what the clipping at norm 1 sees
     # The heads start untrained: their first, huge residuals would flow into the SFT backbone
     # and undo it (on toy, valid HR@10 fell from 0.52 to 0.12 in the first epoch). So the
     # backbone waits `head_warmup` steps while log Z / log F catch up (GFlowGR methods only).
-    warm = ft.head_warmup if objective else 0
+    # (a closed-form log Z has nothing to warm up: with --log-z vargrad, TB starts at once)
+    warm = ft.head_warmup if objective and not (objective == "tb" and ft.log_z == "vargrad") else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: float(s >= warm), lambda s: 1.0][: len(groups)])
     gen = torch.Generator().manual_seed(t.seed + 1)
     n_batches = math.ceil(len(train_t["target"]) / t.batch_size)
@@ -732,7 +783,7 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
         with torch.no_grad():
             b = torch.randperm(len(train_t["target"]), generator=torch.Generator().manual_seed(t.seed))[: t.batch_size].to(device)
             hl = train_t["hist_len"][b]
-            _, parts0, _ = gflowgr_step(model, heads, cm, sampler, trim(train_t["hist"][b], hl), hl, train_t["target"][b], 0.0, cfg, objective, prior)
+            _, parts0, _, _ = gflowgr_step(model, heads, cm, sampler, trim(train_t["hist"][b], hl), hl, train_t["target"][b], 0.0, cfg, objective, prior)
             heads.init_offset(float(parts0["gfn/balance_offset"]))
     for epoch in range(start, ft.ft_epochs):
         if baseline is not None:
@@ -746,7 +797,9 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
             hl = train_t["hist_len"][b]
             hist, target = trim(train_t["hist"][b], hl), train_t["target"][b]
             progress = step / max(1, total - 1)
+            logged = (step + 1) % 20 == 0 or step == 0  # this step's numbers go into metrics.jsonl
             for inner in range(baseline.inner_steps if baseline else 1):
+                terms = {}
                 if baseline is not None:
                     loss, parts = baseline.loss(b, hist, hl, target, progress, inner)
                     stats = {}
@@ -755,17 +808,20 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg: Config, meth
                     loss = gr_loss(log_pf)
                     parts, stats = {"loss/gr": loss.detach()}, {}
                 else:
-                    loss, parts, stats = gflowgr_step(model, heads, cm, sampler, hist, hl, target, progress, cfg, objective, prior)
+                    loss, parts, stats, terms = gflowgr_step(model, heads, cm, sampler, hist, hl, target, progress, cfg, objective, prior)
+                grads = grad_norms(terms, params) if logged and terms else {}
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_([*model.parameters(), *extra_params], 1.0)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
                 check_finite(step, loss, parts, grad_norm)
                 opt.step()
             sched.step()
             step += 1
             n_seen += len(b)
-            if step % 20 == 0 or step == 1:
-                row = {k: float(v) for k, v in parts.items()} | stats
+            if logged:
+                # charts/clipped: 1 when clipping at norm 1 scaled this step down (grad/total > 1)
+                row = {k: float(v) for k, v in parts.items()} | stats | grads | {
+                    "grad/total": float(grad_norm), "charts/clipped": float(grad_norm > 1.0)}
                 bar.set_postfix(loss=f"{loss.item():.3f}", **({"log_z": f"{stats['gfn/log_z']:.2f}"} if stats else {}))
                 logger.log(step=step, epoch=epoch, **row)
         t_train += time.time() - t0
@@ -822,11 +878,16 @@ def inspect_users(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads | Non
         else torch.zeros(items.shape, device=items.device)
     log_pf, h, mem, mask = model.trajectories(hist, hist_len, items)  # (B, M, L)
     rew, log_r = trajectory_rewards(model, items, r_c, cfg)  # Sec. 3.2: R = r_a + r_c + r_sim, log R^beta
+    if cfg.ft.sft_prior:  # the target the run trained towards: P_SFT(v | U) R^beta (gflowgr_step)
+        log_r = log_r + sft_model.trajectories(hist, hist_len, items)[0].sum(-1)
     # Eq. (8): w = 1 / (r_a - r_c)^2, clamped
     w = trajectory_weight(rew["r_a"], r_c)
     if heads is not None:
         heads.eval()
-        log_flow, log_z = heads.log_flow(h), heads.log_z(mem, mask)  # (B, M, L), (B,)
+        log_flow = heads.log_flow(h)  # (B, M, L)
+        # TB with --log-z vargrad: the closed-form log Z of each user's own trajectories, as in training
+        log_z = vargrad_log_z(log_pf, log_r, w if cfg.ft.weight else None) if cfg.ft.log_z == "vargrad" \
+            else heads.log_z(mem, mask)  # (B,)
     users = []
     for j in range(len(target)):
         trajs = [{"item": int(items[j, m]), "codes": model.item_codes[items[j, m]].tolist(), "observed": m == 0,

@@ -162,3 +162,54 @@ def test_cache_round_trip(toy, trained, tmp_path):
     assert collab.cm_key(ds, cfg) != collab.cm_key(ds, CollabConfig(max_len=16, epochs=3))
     other = load_dataset(DataConfig(dataset="toy", toy_users=300), verbose=False)
     assert collab.cm_key(ds, cfg) != collab.cm_key(other, cfg)
+
+
+def test_ce_and_sampled_losses_against_hand_computed_softmax():
+    """cm_loss: full softmax = cross-entropy over all items; sampled = softmax over the positive and
+    the drawn negatives, with a negative equal to the positive masked out."""
+    torch.manual_seed(0)
+    model = SASRec(6, CollabConfig(d=4, max_len=3))
+    h = torch.randn(1, 3, 4)
+    p = torch.tensor([[-1, 2, 5]])
+    real = p >= 0
+    M = model.item_emb.weight[:6]
+    logits = h[real] @ M.T  # (2, 6)
+    want = -(logits.log_softmax(1)[0, 2] + logits.log_softmax(1)[1, 5]) / 2
+    got = collab.cm_loss(model, h, p, real, CollabConfig(loss="ce"))
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    gen = torch.Generator().manual_seed(3)
+    negs = torch.randint(0, 6, (4,), generator=torch.Generator().manual_seed(3))
+    sampled = collab.cm_loss(model, h, p, real, CollabConfig(loss="sampled", negatives=4), gen=gen)
+    rows = []
+    for i, o in enumerate([2, 5]):
+        cand = [logits[i, o]] + [logits[i, j] for j in negs.tolist() if j != o]
+        rows.append(-torch.stack(cand).log_softmax(0)[0])
+    assert sampled.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
+
+
+def test_score_mappings_hand_values_and_range():
+    """sigmoid(s); softmax: exp(s - max s) (1 for the CM's top item); rank: share of items scored below."""
+    torch.manual_seed(0)
+    model = SASRec(30, CollabConfig(max_len=8)).eval()
+    hist, hist_len = torch.tensor([[3, 7, 1, -1]]), torch.tensor([3])
+    full = model.full_scores(hist, hist_len)[0]
+    top, bottom = int(full.argmax()), int(full.argmin())
+    items = torch.tensor([[top, bottom, 5]])
+    model.cfg.score = "softmax"
+    soft = model.score(hist, hist_len, items)[0]
+    assert soft[0].item() == pytest.approx(1.0) and soft[2].item() == pytest.approx(float(torch.exp(full[5] - full.max())))
+    model.cfg.score = "rank"
+    rank = model.score(hist, hist_len, items)[0]
+    assert rank[0].item() == pytest.approx(1.0) and rank[1].item() == 0.0
+    assert rank[2].item() == pytest.approx(float((full < full[5]).sum()) / 29)
+    for mapping in collab.CM_SCORES:
+        model.cfg.score = mapping
+        r = model.score(hist, hist_len, torch.arange(30)[None])
+        assert ((r >= 0) & (r <= 1)).all()
+
+
+def test_cache_key_follows_the_loss_but_not_the_r_c_mapping(toy):
+    ds, _ = toy
+    base = CollabConfig(max_len=16)
+    assert collab.cm_key(ds, base) == collab.cm_key(ds, CollabConfig(max_len=16, score="rank"))
+    assert collab.cm_key(ds, base) != collab.cm_key(ds, CollabConfig(max_len=16, loss="bce"))

@@ -6,7 +6,7 @@ import torch
 
 from gflowgr import GFlowNetHeads, GRModel, ModelConfig
 from losses import (REWARD_FLOOR, WEIGHT_MIN_GAP, db_loss, gflowgr_loss, gr_loss, log_reward, reward, tb_loss,
-                    trajectory_weight)
+                    trajectory_weight, vargrad_log_z)
 from tokenizer import Trie, add_dedup_level
 
 
@@ -192,3 +192,44 @@ def test_extreme_rewards_give_finite_loss_gradients_and_clamped_weights(objectiv
     assert parts["weight/mean"].item() == pytest.approx(1 / WEIGHT_MIN_GAP**2)  # every weight at its clamp
     grads = [raw.grad, log_z.grad if objective == "tb" else log_flow.grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_vargrad_log_z_is_the_weighted_mean_and_minimises_tb():
+    """Hand value: residual needs of 1 and 3 with weights 1 and 3 -> log Z = (1 + 9) / 4 = 2.5,
+    and no other log Z gives a smaller weighted TB loss."""
+    log_pf = torch.tensor([[[-1.0, -1.0], [-2.0, -1.0]]])  # (1, 2, 2): sum log P_F = -2, -3
+    log_r = torch.tensor([[-1.0, 0.0]])  # log R - sum log P_F = 1, 3
+    w = torch.tensor([[1.0, 3.0]])
+    log_z = vargrad_log_z(log_pf, log_r, w)
+    assert log_z.item() == pytest.approx(2.5)
+    assert vargrad_log_z(log_pf, log_r).item() == pytest.approx(2.0)  # unweighted: the plain mean
+    loss_at = lambda z: (w * tb_loss(torch.tensor([z])[:, None], log_pf, log_r)).sum().item()
+    assert all(loss_at(2.5) < loss_at(2.5 + d) for d in (-0.1, 0.1, -1.0, 1.0))
+    # in Eq. (8), log_z=None means this estimate: the same loss as passing it explicitly
+    r_a, r_c = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.2]])
+    a, _ = gflowgr_loss(log_pf, log_r, objective="tb", r_a=r_a, r_c=r_c, log_z=None)
+    b, _ = gflowgr_loss(log_pf, log_r, objective="tb", r_a=r_a, r_c=r_c,
+                        log_z=vargrad_log_z(log_pf, log_r, trajectory_weight(r_a, r_c)))
+    assert a.item() == pytest.approx(b.item())
+
+
+def test_vargrad_on_subsets_of_trajectories_matches_reward_distribution():
+    """The closed-form log Z, estimated each step from only 6 random trajectories per user (as
+    GFlowGR estimates it from 1 + K), still drives P(item | U) to R / sum R: TB's ratio form."""
+    model, R, hist, hist_len, n_items = _enumerable_world()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(500):
+        items = torch.stack([torch.randperm(n_items, generator=g)[:6] for _ in range(2)])  # (2, 6)
+        log_pf, _, _, _ = model.trajectories(hist, hist_len, items)
+        log_r = R.gather(1, items).log()
+        loss = tb_loss(vargrad_log_z(log_pf, log_r)[:, None], log_pf, log_r).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        log_pf, _, _, _ = model.trajectories(hist, hist_len, torch.arange(n_items).repeat(2, 1))
+        p = log_pf.sum(-1).exp()
+    target = R / R.sum(1, keepdim=True)
+    tv = 0.5 * (p - target).abs().sum(1)
+    assert (tv < 0.05).all(), tv

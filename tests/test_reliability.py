@@ -100,20 +100,25 @@ def test_killed_in_every_stage_resumes_to_the_same_numbers(whole_run, uninterrup
     assert rows == curve(whole_run / RUN)
 
 
-@pytest.mark.parametrize("method, sig", [("dpo", signal.SIGINT), ("ppo", signal.SIGKILL)])
-def test_killed_baseline_resumes_to_the_same_numbers(whole_run, tmp_path, method, sig):
+VARGRAD = ["--log-z", "vargrad", "--candidates", "cm", "--cm-score", "softmax"]
+
+
+@pytest.mark.parametrize("method, sig, extra", [("dpo", signal.SIGINT, []), ("ppo", signal.SIGKILL, []),
+                                                ("gflowgr-tb", signal.SIGKILL, VARGRAD)], ids=["dpo", "ppo", "vargrad"])
+def test_killed_baseline_resumes_to_the_same_numbers(whole_run, tmp_path, method, sig, extra):
     """The baselines' own state survives an interruption: DPO's rejected items (drawn once per
     run) and PPO's value head, with its optimiser moments and the policy's random draws.
-    DPO is stopped by Ctrl-C (SIGINT), PPO killed (SIGKILL)."""
+    DPO is stopped by Ctrl-C (SIGINT), PPO killed (SIGKILL); so is GFlowGR-TB with the closed-form
+    log Z, the CM's own top-N as candidates and the softmax r_c."""
     for name in ("whole", "killed"):  # both start from the same cached IDs, SFT model and CM
         shutil.copytree(whole_run / "toy", tmp_path / name / "toy")
-    finish(start(tmp_path / "whole", method, "--ft-epochs", "2"))
+    finish(start(tmp_path / "whole", method, "--ft-epochs", "2", *extra))
     run = f"toy__{method}__seed42"
-    proc = start(tmp_path / "killed", method, "--ft-epochs", "2")
+    proc = start(tmp_path / "killed", method, "--ft-epochs", "2", *extra)
     out = kill_when(proc, (tmp_path / "killed" / run, "resume.pt"), sig=sig)
     if sig == signal.SIGINT:  # Ctrl-C: one line saying what to do, exit status 130
         assert proc.returncode == 130 and "interrupted: rerun the same command" in out and "Traceback" not in out
-    out = finish(start(tmp_path / "killed", method, "--ft-epochs", "2"))
+    out = finish(start(tmp_path / "killed", method, "--ft-epochs", "2", *extra))
     assert f"[resume] {method} continues after epoch" in out
     assert "[stage] SFT" not in out  # the cached stages were used, not retrained
     got, want = (json.loads((tmp_path / name / run / "metrics.json").read_text()) for name in ("killed", "whole"))

@@ -94,3 +94,21 @@ def test_policy_candidates_are_the_models_top_items_minus_history_and_target():
     aug, r_c = TrajectorySampler(FixedCM(n_items), n_items, cfg, seed=0).sample(hist, torch.tensor([3, 3]), target, 1.0, model=policy)
     assert policy.training
     assert aug.sort(1).values.tolist() == cand.sort(1).values[:, -3:].tolist()
+
+
+class TopCM(FixedCM):
+    """FixedCM with full_scores: the CM's ranking of every item is its id (highest id first)."""
+
+    def full_scores(self, hist, hist_len):
+        return torch.arange(self.n_items, dtype=torch.float).repeat(len(hist), 1)
+
+
+def test_cm_candidates_are_the_cms_top_items_minus_history_and_target():
+    n_items = 20
+    hist = torch.tensor([[19, 17, -1], [3, 2, 1]])  # -1: padding, must not mask item 0 or anything else
+    hist_len, target = torch.tensor([2, 3]), torch.tensor([18, 19])
+    s = TrajectorySampler(TopCM(n_items), n_items, SamplerConfig(K=2, n_candidates=4, candidates="cm"))
+    assert s.cm_top(hist, hist_len, target).tolist() == [[16, 15, 14, 13], [18, 17, 16, 15]]
+    hard, _ = s.sample(hist, hist_len, target, 1.0)  # end of the curriculum: the CM's favourites
+    easy, _ = s.sample(hist, hist_len, target, 0.0)  # start: the lowest-scored of the CM's top-N
+    assert sorted(hard[0].tolist()) == [15, 16] and sorted(easy[0].tolist()) == [13, 14]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data as data_mod
+import train
 from conftest import tiny_config
 from gflowgr import GRModel
 from metrics import ranking_metrics
@@ -119,7 +120,13 @@ def test_finetuning_methods_run_from_the_cached_sft(toy_run, method):
     curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*curves)
     if method != "sft-continued":
-        assert {"loss/gr", "loss/gfn", "gfn/log_z", "gfn/log_r_obs", "gfn/log_r_aug", "weight/mean", "sampler/cm_score"} <= keys
+        assert {"loss/gr", "loss/gfn", "gfn/log_z", "gfn/log_r_obs", "gfn/log_r_aug", "weight/mean", "sampler/cm_score",
+                "gfn/residual_obs", "gfn/residual_aug", "grad/gr", "grad/gfn", "grad/total", "charts/clipped"} <= keys
+        for r in (r for r in curves if "grad/total" in r):
+            assert r["charts/clipped"] == float(r["grad/total"] > 1.0)
+            assert r["gfn/residual_obs"] >= 0 and r["gfn/residual_aug"] >= 0
+            # the two terms' gradients add up to the total (triangle inequality, both ways)
+            assert abs(r["grad/gr"] - r["grad/gfn"]) - 1e-3 <= r["grad/total"] <= r["grad/gr"] + r["grad/gfn"] + 1e-3
         ins = json.loads((d / "inspect.json").read_text())
         user = ins["users"][0]
         assert len(user["trajectories"]) == 1 + cfg.sampler.K
@@ -210,3 +217,31 @@ def test_warm_up_only_epochs_never_count_as_the_best_fine_tuned_model(toy_run):
     cfg = finetune_config(toy_run, "gflowgr-tb", ft_epochs=2, head_warmup=n_batches + 1)
     metrics = main(cfg, log=lambda *a: None)
     assert metrics["finetune"]["best_epoch"] == 2
+
+
+def test_grad_norms_measure_each_term_without_touching_the_step():
+    """grad/gr and grad/gfn are the norms of each term's own gradient, and measuring them leaves .grad alone."""
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    l_gr, l_gfn = (w ** 2).sum() / 2, 2 * w.sum()  # gradients w = (3, 4) and (2, 2)
+    got = train.grad_norms({"gr": l_gr, "gfn": l_gfn}, [w])
+    assert got["grad/gr"] == pytest.approx(5.0) and got["grad/gfn"] == pytest.approx(8 ** 0.5)
+    assert w.grad is None
+    (l_gr + l_gfn).backward()  # the graph was kept: the real step still works
+    assert w.grad.tolist() == [5.0, 6.0]
+
+
+def test_vargrad_run_is_balanced_in_the_mean_and_trains_no_log_z(toy_run):
+    """--log-z vargrad: each batch's log Z is its own weighted mean, so the residuals of a batch
+    are centred by construction; no warm-up is spent on a head (the backbone trains from step 1)."""
+    cfg = finetune_config(toy_run, "gflowgr-tb")
+    cfg.ft.log_z, cfg.train.tag = "vargrad", "vargrad"
+    metrics = main(cfg, log=lambda s: None)
+    d = Path(cfg.train.out) / f"toy__gflowgr-tb+vargrad__seed{cfg.train.seed}"
+    curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in curves if "grad/gr" in r)
+    assert first["step"] == 1 and first["grad/gr"] > 0  # the backbone gets L_GR's gradient at once
+    assert metrics["finetune"]["step"] >= 1 and 0 <= metrics["test"]["hr@10"] <= 1
+    user = json.loads((d / "inspect.json").read_text())["users"][0]
+    x = [tr["log_r"] - tr["log_pf_sum"] for tr in user["trajectories"]]
+    w = [tr["weight"] for tr in user["trajectories"]]
+    assert user["log_z"] == pytest.approx(sum(a * b for a, b in zip(w, x)) / sum(w), abs=1e-3)
