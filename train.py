@@ -96,6 +96,7 @@ class FinetuneConfig:
     reward: str = field(default="ra,rc,rsim", metadata={"help": "reward terms, any subset of ra,rc,rsim (Sec. 3.2)"})
     weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
     log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z) | vargrad (closed form from each sample's 1 + K trajectories)"})
+    log_flow: str = field(default="prefix", metadata={"help": "DB's log F(s_l): head (an MLP on the prefix state) | prefix (the MLP plus the policy's own log-probability of reaching s_l, detached: starts near balance)"})
     reward_beta: float = field(default=3.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1; 3 was best on Beauty valid)"})
     sft_prior: bool = field(default=False, metadata={"help": "reward times the frozen SFT likelihood: target P_SFT(v|U) R^beta / Z(U)"})
     rsim_dedup: bool = field(default=False, metadata={"help": "count the dedup (collision) token in r_sim too (default: semantic levels only)"})
@@ -247,6 +248,8 @@ def finalize(cfg: Config) -> Config:
     if ft.log_z == "vargrad" and (sp.K == 0 or sp.sampler == "none") and t.method == "gflowgr-tb":
         raise DataError("--log-z vargrad estimates log Z from each sample's 1 + K trajectories: it needs --K >= 1 "
                         "and a sampler (with K = 0 the TB residual is 0 by construction)")
+    if ft.log_flow not in ("head", "prefix"):
+        raise DataError(f"--log-flow must be head or prefix (got {ft.log_flow!r})")
     if cfg.cm.loss not in collab.CM_LOSSES:
         raise DataError(f"--cm-loss must be one of {', '.join(collab.CM_LOSSES)} (got {cfg.cm.loss!r})")
     if cfg.cm.score not in collab.CM_SCORES:
@@ -677,6 +680,11 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     else:
         log_z = heads.log_z(mem, mask) if objective == "tb" else None  # (B,)
     log_flow = heads.log_flow(h) if objective == "db" else None  # (B, M, L)
+    if log_flow is not None and ft.log_flow == "prefix":
+        # log F(s_l) = head(s_l) + sum_{j<l} log P_F(t_{j+1} | s_j), the second term detached: F(s) is
+        # the head times the policy's probability of reaching s, so at the start (head = a constant)
+        # every DB step but the last is balanced and the last carries the TB residual
+        log_flow = log_flow + (log_pf.detach().cumsum(-1) - log_pf.detach())  # (B, M, L), exclusive cumsum
     loss, parts = gflowgr_loss(log_pf, log_r, objective=objective, r_a=rew["r_a"], r_c=r_c, log_z=log_z,
                                log_flow=log_flow, lam=ft.lam, weighted=ft.weight)
     terms = {"gr": parts.pop("_l_gr"), "gfn": parts.pop("_l_gfn")}  # with their graphs, for the gradient norms
@@ -885,6 +893,8 @@ def inspect_users(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads | Non
     if heads is not None:
         heads.eval()
         log_flow = heads.log_flow(h)  # (B, M, L)
+        if cfg.ft.log_flow == "prefix":  # as in gflowgr_step
+            log_flow = log_flow + (log_pf.cumsum(-1) - log_pf)
         # TB with --log-z vargrad: the closed-form log Z of each user's own trajectories, as in training
         log_z = vargrad_log_z(log_pf, log_r, w if cfg.ft.weight else None) if cfg.ft.log_z == "vargrad" \
             else heads.log_z(mem, mask)  # (B,)

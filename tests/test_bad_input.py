@@ -65,6 +65,7 @@ CASES = [
     ("unknown log Z form", ["--method", "gflowgr-tb", "--log-z", "table"], None, ["--log-z must be one of user, scalar, vargrad"]),
     ("vargrad without trajectories", ["--method", "gflowgr-tb", "--log-z", "vargrad", "--K", "0"], None,
      ["--log-z vargrad", "needs --K >= 1"]),
+    ("unknown log F form", ["--method", "gflowgr-db", "--log-flow", "table"], None, ["--log-flow must be head or prefix"]),
     ("unknown candidates", ["--method", "gflowgr-tb", "--candidates", "oracle"], None, ["unknown --candidates 'oracle'"]),
     ("tag with a slash", ["--tag", "a/b"], None, ["--tag may hold letters, digits and '-' only"]),
     ("regime epochs 0", ["--study", "paper-regime", "--regime-epochs", "0"], None, ["--regime-epochs must be >= 1"]),
