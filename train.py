@@ -121,7 +121,7 @@ PRESETS = {
             "train.epochs": 40, "train.batch_size": 128, "train.lr": 3e-3, "train.warmup_steps": 50, "train.patience": 5,
             "cm.max_len": 20, "cm.batch_size": 32, "cm.lr": 5e-3, "cm.epochs": 20, "cm.patience": 5,
             "ft.ft_epochs": 4, "ft.ft_lr": 1e-3, "ft.head_warmup": 10, "sampler.n_candidates": 30},
-    "beauty": {"train.epochs": 20, "train.eval_users": 5000, "cm.lr": 2e-3},
+    "beauty": {"train.epochs": 20, "train.eval_users": 5000, "cm.lr": 2e-3, "train.regime_epochs": 4},
     # Yelp's validation curve is flatter and noisier than Beauty's: with patience 3 on 5,000
     # users, seeds 43/44 stopped at epochs 6/9 (test HR@10 0.015/0.018) while seed 42 was still
     # improving at epoch 20 (0.027); BENCHMARKS.md, Table 1 on Yelp.

@@ -100,6 +100,28 @@ def test_app_shows_every_panel(app_runs, monkeypatch):
     # tree, P_F, TB balance, rewards, distribution, and at least losses + log Z + validation
     assert len(at.get("plotly_chart")) >= 8
     assert any(m.label == "log Z(U)" for m in at.metric)
+    # the balance over many users, and the residual / gradient / clipping curves of the training panel
+    assert any(m.label == "median |residual|, augmented" for m in at.metric)
+    charts = " ".join(str(c.proto.spec) for c in at.get("plotly_chart"))
+    for key in ("gfn/residual_obs", "gfn/residual_aug", "grad/gr", "grad/gfn", "charts/clipped"):
+        assert key in charts, key
+
+
+def test_balance_residuals_are_eq6_for_each_trajectory(app_runs):
+    """The balance panel's numbers: log Z(U) + sum log P_F - log R for 1 observed and K augmented
+    trajectories per user, the same as inspect_users gives for that user."""
+    b = app.load_bundle(app_runs / RUN)
+    res = app.balance_residuals(b, n_users=30)
+    assert res["users"] == 30 and len(res["observed"]) == 30 and len(res["augmented"]) == 30 * b.cfg.sampler.K
+    assert np.isfinite(res["observed"]).all() and np.isfinite(res["augmented"]).all()
+    idx = torch.randperm(len(b.test["target"]), generator=torch.Generator().manual_seed(0))[:1]
+    from sampler import TrajectorySampler
+    from train import inspect_users
+    t = {k: v[idx] for k, v in b.test.items()}
+    u = inspect_users(b.sft_model, b.model, b.heads, b.cm, TrajectorySampler(b.cm, len(b.titles), b.cfg.sampler, seed=0),
+                      t["hist"], t["hist_len"], t["target"], b.cfg)[0]
+    obs = u["trajectories"][0]
+    assert res["observed"][0] == pytest.approx(u["log_z"] + obs["log_pf_sum"] - obs["log_r"], abs=1e-3)
 
 
 def test_picking_another_user_changes_the_lists(app_runs, monkeypatch):
