@@ -17,7 +17,7 @@ from train import Config, cli, finished, run_dir, variant
 
 def study_cfg(out, study: str):
     """A toy budget for the studies: 200 users, 1 fine-tuning epoch, a small CM."""
-    cfg = tiny_config(out, study=study, diversity_users=40)
+    cfg = tiny_config(out, study=study, diversity_users=40, regime_epochs=2)
     cfg.data.toy_users = 200
     cfg.ft.ft_epochs, cfg.ft.head_warmup, cfg.cm.epochs = 1, 3, 5
     return cfg
@@ -67,8 +67,10 @@ def test_sweep_tables_hold_the_runs_metrics(studies):
     # the dashed SFT line is the SFT checkpoint these runs started from
     sft = json.loads((out / "toy__gflowgr-tb__seed42" / "metrics.json").read_text())["sft_eval"]["test"]
     assert k["sft"]["hr@10"]["values"] == [sft["hr@10"]]
-    # 10 ablation columns + K 1, 5 + 4 lambdas: 16 GFlowGR runs, no more (shared runs are trained once)
-    assert len(list(out.glob("toy__gflowgr-tb*__seed42"))) == 16
+    # 10 ablation columns + K 1, 5 + 4 lambdas: 16 GFlowGR runs, no more (shared runs are trained once),
+    # plus the paper-regime study's own run from its under-trained SFT, kept apart by its tag
+    runs = {p.name for p in out.glob("toy__gflowgr-tb*__seed42")}
+    assert len(runs) == 17 and "toy__gflowgr-tb+paper-regime__seed42" in runs
 
 
 def test_variants_change_what_they_say(studies):
