@@ -118,7 +118,9 @@ def load_bundle(run_dir: Path) -> Bundle:
     import collab
     import data as data_mod
     from gflowgr import GFlowNetHeads, GRModel
-    from train import OBJECTIVE, config_from_dict, to_tensors
+    from batches import to_tensors
+    from config import config_from_dict
+    from finetune import OBJECTIVE
 
     info = parse_run_name(run_dir.name)
     if info is None:
@@ -167,7 +169,7 @@ def load_bundle(run_dir: Path) -> Bundle:
 def user_view(b: Bundle, sample: int, progress: float = 1.0) -> dict:
     """Everything the panels show for one test sample (one user), computed live on the CPU."""
     from sampler import TrajectorySampler
-    from train import inspect_users
+    from inspection import inspect_users
 
     t = b.test
     hist, hl, target = t["hist"][sample : sample + 1], t["hist_len"][sample : sample + 1], t["target"][sample : sample + 1]
@@ -188,7 +190,7 @@ def interesting_users(b: Bundle, max_users: int = 2000, seed: int = 0) -> dict:
     """Test samples where SFT misses and the fine-tuned model hits in its top-k, and the other way.
 
     Scans up to max_users test users (a fixed random subset on large data sets)."""
-    from train import trim
+    from batches import trim
 
     n = len(b.test["target"])
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_users].sort().values
@@ -213,7 +215,7 @@ def balance_residuals(b: Bundle, n_users: int = 400, progress: float = 1.0, seed
     Returns {"observed": array (n,), "augmented": array (n * K,), "users": n}; empty for non-GFlowGR runs.
     """
     from sampler import TrajectorySampler
-    from train import inspect_users
+    from inspection import inspect_users
 
     if b.objective is None or b.heads is None:
         return {"observed": np.array([]), "augmented": np.array([]), "users": 0}

@@ -14,6 +14,9 @@ Resume states (a training stage's whole state at the end of an epoch: model, opt
 schedule, batch order, random generators) are saved the same way; `load_resume` returns one
 only if it belongs to the same configuration.
 
+A stage's folder is named by `stage_key`, a short hash of the configs that determine its
+output (and `fingerprint`, a hash of the data itself), so two configurations never share one.
+
 Usage: `cache.save(obj, path)`; `obj = cache.load(path, "SFT checkpoint", log)  # None: redo the stage`
 """
 from __future__ import annotations
@@ -21,12 +24,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
-
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def stage_key(*parts) -> str:
+    """Short stable hash of the configs that determine a stage's output."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def fingerprint(obj) -> str:
+    """Hash of the data itself (item texts, user sequences): two toy worlds with the same
+    sizes but another seed or user count must not share a cached stage."""
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    """Write JSON to a temporary file and rename it into place: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def _digest(path: Path) -> dict:

@@ -13,8 +13,8 @@
   true preferences are known and whose observations are biased towards popular items,
   recall@10 of the held-out observed item and of the true preferences never observed.
 
-Every study trains the runs it needs through train.main; a run that finished earlier with the
-same config is reused (train.run_or_reuse), so a study can be stopped and restarted, and the
+Every study trains the runs it needs through pipeline.run; a run that finished earlier with the
+same config is reused (run_or_reuse), so a study can be stopped and restarted, and the
 K = 3, lambda = 1 and full-ablation columns are the same run. Results are written to
 results/<dataset>_<study>.md (tables), .json (every number, per seed) and .html (a plotly
 figure, standalone). Same seeds and config give the same numbers.
@@ -38,8 +38,13 @@ import collab
 import data as data_mod
 import metrics as M
 import results
-import train
+from batches import to_tensors, trim
+from config import STUDIES, Config, finalize, run_dir, set_field
 from data import DataError
+from evaluation import recommend
+from finetune import OBJECTIVE
+from pipeline import run_or_reuse
+from runtime import resolve_device
 from gflowgr import GRModel
 
 # Table 2's columns, in the paper's order: (label, config overrides)
@@ -77,18 +82,18 @@ METRICS = results.METRICS
 # ----------------------------------------------------------------------------------------
 
 
-def study_config(cfg: train.Config, method: str, seed: int, overrides: dict) -> train.Config:
+def study_config(cfg: Config, method: str, seed: int, overrides: dict) -> Config:
     """The run config of one study cell: cfg with method, seed and the overrides, study fields cleared."""
     c = copy.deepcopy(cfg)
     c.train.method, c.train.seed, c.train.seeds, c.train.study = method, seed, [], ""
     for dotted, value in overrides.items():
-        train.set_field(c, dotted, value)
-    return train.finalize(c)
+        set_field(c, dotted, value)
+    return finalize(c)
 
 
-def gflowgr_method(cfg: train.Config) -> str:
+def gflowgr_method(cfg: Config) -> str:
     """The GFlowGR objective a study varies: --method gflowgr-db studies DB, otherwise TB (as Table 2)."""
-    if cfg.train.method in train.OBJECTIVE:
+    if cfg.train.method in OBJECTIVE:
         return cfg.train.method
     if cfg.train.method != "sft":
         raise DataError(f"--study {cfg.train.study} studies GFlowGR: use --method gflowgr-tb (default) or gflowgr-db, "
@@ -96,18 +101,18 @@ def gflowgr_method(cfg: train.Config) -> str:
     return "gflowgr-tb"
 
 
-def seeds_of(cfg: train.Config) -> list[int]:
+def seeds_of(cfg: Config) -> list[int]:
     return list(cfg.train.seeds) or [cfg.train.seed]
 
 
-def out_dir(cfg: train.Config) -> Path:
-    """results/ beside the default runs folder, else <out>/results (as train.run_table)."""
+def out_dir(cfg: Config) -> Path:
+    """results/ beside the default runs folder, else <out>/results (as pipeline.run_table)."""
     return Path("results") if cfg.train.out == "runs" else Path(cfg.train.out) / "results"
 
 
-def load_model(cfg: train.Config, device) -> GRModel:
+def load_model(cfg: Config, device) -> GRModel:
     """The trained backbone of the finished run cfg describes (its checkpoint.pt)."""
-    path = train.run_dir(cfg) / "checkpoint.pt"
+    path = run_dir(cfg) / "checkpoint.pt"
     try:
         ckpt = torch.load(path, map_location=device)
     except Exception as e:  # torch raises many kinds on a bad file
@@ -126,7 +131,7 @@ def _fmt(s: dict) -> str:
     return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["n"] > 1 else "")
 
 
-def write_outputs(cfg: train.Config, study: str, md: str, summary: dict, fig: go.Figure, log=print) -> dict:
+def write_outputs(cfg: Config, study: str, md: str, summary: dict, fig: go.Figure, log=print) -> dict:
     """results/<dataset>_<study>.md, .json and .html, each written atomically."""
     folder = out_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
@@ -156,7 +161,7 @@ def sweep_cells(study: str) -> list[tuple[str, dict]]:
     return [(f"λ={lam:g}", {"ft.lam": lam}) for lam in LAMBDAS]
 
 
-def run_sweep(cfg: train.Config, study: str, log=print) -> dict:
+def run_sweep(cfg: Config, study: str, log=print) -> dict:
     """Train (or reuse) every cell of the study for every seed; collect test metrics and the SFT level."""
     method, seeds = gflowgr_method(cfg), seeds_of(cfg)
     cells = []
@@ -166,9 +171,9 @@ def run_sweep(cfg: train.Config, study: str, log=print) -> dict:
         runs = []
         for seed in seeds:
             c = study_config(cfg, method, seed, overrides)
-            log(f"\n=== {study}: {label}, seed {seed} ({train.run_dir(c).name}) ===")
-            m = train.run_or_reuse(c, log)
-            runs.append(train.run_dir(c).name)
+            log(f"\n=== {study}: {label}, seed {seed} ({run_dir(c).name}) ===")
+            m = run_or_reuse(c, log)
+            runs.append(run_dir(c).name)
             for k in METRICS:
                 values[k].append(m["test"][k])
             if not cells:  # every run of a seed starts from the same SFT model: take its level once
@@ -247,15 +252,15 @@ def sweep_figure(s: dict) -> go.Figure:
 
 
 @torch.no_grad()
-def diversity_of(model: GRModel, cm, t: dict, cfg: train.Config, popularity: np.ndarray, users: torch.Tensor) -> dict:
-    """Diversity numbers of one model over all test users t (tensors of train.to_tensors).
+def diversity_of(model: GRModel, cm, t: dict, cfg: Config, popularity: np.ndarray, users: torch.Tensor) -> dict:
+    """Diversity numbers of one model over all test users t (tensors of to_tensors).
 
     popularity (I,): training interaction counts, the order of the KL's axis. users: the test
     samples whose whole distribution P(v|U) over the catalogue is computed (it costs a decode
     of every item per user).
     """
     n_items = model.item_codes.shape[0]
-    topk, _ = train.recommend(model, t, cfg.train, desc="top-10 lists")  # (N, 10)
+    topk, _ = recommend(model, t, cfg.train, desc="top-10 lists")  # (N, 10)
     counts = M.item_counts(topk, n_items)  # (I,)
     order = np.argsort(-popularity, kind="stable")  # most popular first: the axis of the fitted normal
     # CM scores y_CM(v, U) of each user's recommended items (Sec. 4.5 "Collaborative Scores")
@@ -263,7 +268,7 @@ def diversity_of(model: GRModel, cm, t: dict, cfg: train.Config, popularity: np.
     for chunk in torch.arange(len(topk)).split(cfg.train.eval_batch):
         hl = t["hist_len"][chunk]
         items = topk[chunk].to(hl.device)
-        r_c.append(cm.score(train.trim(t["hist"][chunk], hl), hl, items.clamp_min(0)).cpu())
+        r_c.append(cm.score(trim(t["hist"][chunk], hl), hl, items.clamp_min(0)).cpu())
     r_c = torch.cat(r_c)  # (N, 10)
     # std (and entropy) of P(v|U) = prod_l P_F over every item, per user, then averaged
     stds, ents, top_mass = [], [], []
@@ -296,19 +301,19 @@ DIVERSITY_ROWS = [("kl_normal", "KL(aggregate top-10 distribution ‖ fitted nor
                   ("hr@10", "HR@10 (for reference)", "higher")]
 
 
-def study_diversity(cfg: train.Config, log=print) -> dict:
+def study_diversity(cfg: Config, log=print) -> dict:
     method, seeds = gflowgr_method(cfg), seeds_of(cfg)
-    device = train.resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     ds = data_mod.load_dataset(cfg.data, verbose=False)
     splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
-    t = train.to_tensors(splits["test"], device)
+    t = to_tensors(splits["test"], device)
     popularity = data_mod.item_popularity(ds)
     per = {"sft": [], method: []}
     for seed in seeds:
         for name in per:
             c = study_config(cfg, name, seed, {})
             log(f"\n=== diversity: {name}, seed {seed} ===")
-            train.run_or_reuse(c, log)
+            run_or_reuse(c, log)
         c = study_config(cfg, method, seed, {})
         cm, _ = collab.load_or_train(ds, splits, c.cm, Path(c.train.out) / ds.name, device, log)
         cm.to(device).eval()
@@ -388,7 +393,7 @@ EXPOSURE_ROWS = [("recall_observed", "recall@10, held-out observed item (= HR@10
                  ("exposure_pct", "exposure percentile of recommended items (1 = most exposed)")]
 
 
-def study_exposure(cfg: train.Config, log=print) -> dict:
+def study_exposure(cfg: Config, log=print) -> dict:
     if cfg.data.dataset != "toy":  # say so before loading a large data set
         raise DataError(f"--study exposure needs a world whose true preferences are known: use --dataset toy "
                         f"({cfg.data.dataset} records only what users were exposed to)")
@@ -397,10 +402,10 @@ def study_exposure(cfg: train.Config, log=print) -> dict:
     if ds.true_prefs is None or ds.item_pop_weight is None:
         raise DataError(f"--study exposure needs a world whose true preferences are known: use --dataset toy "
                         f"({cfg.data.dataset} records only what users were exposed to)")
-    device = train.resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
     test = splits["test"]
-    t = train.to_tensors(test, device)
+    t = to_tensors(test, device)
     hidden_all = hidden_positives(ds)
     hidden = [hidden_all[u] for u in test.user]
     w = ds.item_pop_weight
@@ -414,8 +419,8 @@ def study_exposure(cfg: train.Config, log=print) -> dict:
         for name in ("sft", method):
             c = study_config(cfg, name, seed, {})
             log(f"\n=== exposure: {name}, seed {seed} ===")
-            train.run_or_reuse(c, log)
-            topk, _ = train.recommend(load_model(c, device), t, c.train, desc="top-10 lists")
+            run_or_reuse(c, log)
+            topk, _ = recommend(load_model(c, device), t, c.train, desc="top-10 lists")
             per[name].append(exposure_of(topk.numpy(), test.target, hidden, tail, pop_pct))
         cm, _ = collab.load_or_train(ds, splits, c.cm, Path(c.train.out) / ds.name, device, log)
         with torch.no_grad():  # the CM's own top-10 over the whole (small) catalogue, history included as for the GR
@@ -468,15 +473,15 @@ FUSION_POOL = 50  # the SFT model's beam top-50 is re-ranked
 
 
 @torch.no_grad()
-def fusion_pool(model: GRModel, cm, t: dict, cfg: train.Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fusion_pool(model: GRModel, cm, t: dict, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The SFT model's beam top-FUSION_POOL items per sample, their log P_GR and the CM's logits, each (N, pool)."""
     tc = copy.copy(cfg.train)
     tc.beam, tc.topk = max(cfg.train.beam, FUSION_POOL), FUSION_POOL
-    items, log_p = train.recommend(model, t, tc, desc="fusion pool")
+    items, log_p = recommend(model, t, tc, desc="fusion pool")
     logits = torch.empty(items.shape)
     for chunk in torch.arange(len(items)).split(1024):
         hl = t["hist_len"][chunk]
-        logits[chunk] = cm.logits(train.trim(t["hist"][chunk], hl), hl, items[chunk].clamp_min(0).to(hl.device)).cpu()
+        logits[chunk] = cm.logits(trim(t["hist"][chunk], hl), hl, items[chunk].clamp_min(0).to(hl.device)).cpu()
     pad = items < 0  # fewer real items than the pool (tiny catalogues)
     return items, log_p.masked_fill(pad, float("-inf")), logits.masked_fill(pad, 0.0)
 
@@ -510,18 +515,18 @@ def r_c_distribution(cm, t: dict, n_items: int, seed: int, n_users: int = 2000, 
     return out
 
 
-def study_fusion(cfg: train.Config, log=print) -> dict:
+def study_fusion(cfg: Config, log=print) -> dict:
     """SFT's beam top-50 re-ranked by log P_GR + alpha * CM logit, alpha chosen on validation NDCG@10."""
     seeds = seeds_of(cfg)
-    device = train.resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     ds = data_mod.load_dataset(cfg.data, verbose=False)
     splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
-    tensors = {name: train.to_tensors(splits[name], device) for name in ("valid", "test")}
+    tensors = {name: to_tensors(splits[name], device) for name in ("valid", "test")}
     per_seed = []
     for seed in seeds:
         c = study_config(cfg, "sft", seed, {})
         log(f"\n=== fusion: SFT, seed {seed} ===")
-        sft_metrics = train.run_or_reuse(c, log)
+        sft_metrics = run_or_reuse(c, log)
         model = load_model(c, device)
         cm, cm_info = collab.load_or_train(ds, splits, c.cm, Path(c.train.out) / ds.name, device, log)
         cm.to(device).eval()
@@ -565,7 +570,7 @@ def study_fusion(cfg: train.Config, log=print) -> dict:
 REGIME_METHODS = ("gflowgr-tb", "sft-continued", "sdpo")
 
 
-def study_paper_regime(cfg: train.Config, log=print) -> dict:
+def study_paper_regime(cfg: Config, log=print) -> dict:
     """Train an SFT stopped early (--regime-epochs, a full schedule of that length), fine-tune it with
     GFlowGR-TB, SFT-continued and S-DPO for the same budget, and test whether GFlowGR's gain over
     that SFT exceeds SFT-continued's (one-sided Welch t-test over seeds)."""
@@ -576,8 +581,8 @@ def study_paper_regime(cfg: train.Config, log=print) -> dict:
     for seed in seeds:
         for method in ("sft", *REGIME_METHODS):
             c = study_config(cfg, method, seed, regime)
-            log(f"\n=== paper-regime: {method}, seed {seed} ({train.run_dir(c).name}) ===")
-            m = train.run_or_reuse(c, log)
+            log(f"\n=== paper-regime: {method}, seed {seed} ({run_dir(c).name}) ===")
+            m = run_or_reuse(c, log)
             for k in METRICS:
                 values[method][k].append(m["test"][k])
             valid[method].append(m["valid"]["hr@10"])
@@ -611,9 +616,9 @@ def study_paper_regime(cfg: train.Config, log=print) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def run_study(cfg: train.Config, log=print) -> dict:
+def run_study(cfg: Config, log=print) -> dict:
     """Run cfg.train.study for cfg.train.seeds (default: cfg.train.seed); returns the summary written to JSON."""
-    cfg = train.finalize(cfg)
+    cfg = finalize(cfg)
     study = cfg.train.study
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -628,4 +633,4 @@ def run_study(cfg: train.Config, log=print) -> dict:
         return study_fusion(cfg, log)
     if study == "paper-regime":
         return study_paper_regime(cfg, log)
-    raise DataError(f"unknown study {study!r}: choose one of {', '.join(train.STUDIES)}")
+    raise DataError(f"unknown study {study!r}: choose one of {', '.join(STUDIES)}")

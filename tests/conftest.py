@@ -2,7 +2,7 @@
 import pytest
 
 from data import DataConfig
-from train import Config, TrainConfig, apply_preset
+from config import Config, TrainConfig, apply_preset
 
 
 def tiny_config(out, **train_overrides) -> Config:
@@ -14,7 +14,7 @@ def tiny_config(out, **train_overrides) -> Config:
 @pytest.fixture(scope="session")
 def toy_run(tmp_path_factory):
     """(config, metrics, log lines) of one finished toy SFT run."""
-    from train import main
+    from pipeline import run as main
 
     out = tmp_path_factory.mktemp("runs")
     cfg = tiny_config(out)
@@ -27,7 +27,7 @@ def toy_run(tmp_path_factory):
 def app_runs(tmp_path_factory):
     """A runs folder for the app: a tiny toy GFlowGR-TB run and the SFT run it started from
     (the SFT stage and the CM cached beside them)."""
-    from train import main
+    from pipeline import run as main
 
     out = tmp_path_factory.mktemp("app_runs")
     cfg = tiny_config(out, method="gflowgr-tb")

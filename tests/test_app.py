@@ -81,7 +81,7 @@ def test_interesting_users_disagree(app_runs):
     b = app.load_bundle(app_runs / RUN)
     got = app.interesting_users(b)
     assert got["scanned"] == len(b.test["target"])
-    from train import trim
+    from batches import trim
     for kind, (sft_hits, ft_hits) in (("ft_only", (False, True)), ("sft_only", (True, False))):
         for s in got[kind][:5]:
             hl = b.test["hist_len"][s : s + 1]
@@ -116,7 +116,7 @@ def test_balance_residuals_are_eq6_for_each_trajectory(app_runs):
     assert np.isfinite(res["observed"]).all() and np.isfinite(res["augmented"]).all()
     idx = torch.randperm(len(b.test["target"]), generator=torch.Generator().manual_seed(0))[:1]
     from sampler import TrajectorySampler
-    from train import inspect_users
+    from inspection import inspect_users
     t = {k: v[idx] for k, v in b.test.items()}
     u = inspect_users(b.sft_model, b.model, b.heads, b.cm, TrajectorySampler(b.cm, len(b.titles), b.cfg.sampler, seed=0),
                       t["hist"], t["hist_len"], t["target"], b.cfg)[0]

@@ -1,26 +1,16 @@
 """The Table 1 baselines run end to end on toy from the cached SFT, and build the right training pairs."""
-import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from test_train import finetune_config
-from train import main
+from test_finetune import run_from_cached_sft
 
 
 @pytest.mark.parametrize("method, loss_key", [("dpo", "loss/dpo"), ("sdpo", "loss/sdpo"), ("sprec", "loss/dpo"),
                                               ("ipa", "loss/dpo"), ("grpo", "loss/grpo"), ("ppo", "loss/ppo")])
 def test_baseline_runs_from_the_cached_sft_and_writes_artefacts(toy_run, method, loss_key):
-    cfg = finetune_config(toy_run, method)
-    lines = []
-    metrics = main(cfg, log=lines.append)
-    assert "[cache] SFT checkpoint" in "\n".join(lines)
-    d = Path(cfg.train.out) / f"toy__{method}__seed{cfg.train.seed}"
-    saved = json.loads((d / "metrics.json").read_text())
-    assert saved["test"] == metrics["test"] and 0 <= saved["test"]["hr@10"] <= 1
-    assert saved["sft_eval"]["test"] == toy_run[1]["test"]
+    cfg, metrics, d, saved = run_from_cached_sft(toy_run, method)
     curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     losses = [r[loss_key] for r in curves if loss_key in r]
     assert losses and all(torch.isfinite(torch.tensor(losses)))

@@ -1,18 +1,18 @@
 """The analysis studies (experiments.py) on a small toy world: tables, figures, shared runs,
 reproducibility, and the exposure-bias generator whose truth is known."""
+import dataclasses
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import data as data_mod
 import experiments
-import train
+from config import STUDIES, Config, finalize, finished, run_dir, variant
 from conftest import tiny_config
 from metrics import recall_hidden
-from train import Config, cli, finished, run_dir, variant
+from train import cli, main
 
 
 def study_cfg(out, study: str):
@@ -28,7 +28,7 @@ def studies(tmp_path_factory):
     """Every study once on toy, all in one runs folder (so they share runs as on Beauty)."""
     out = tmp_path_factory.mktemp("studies")
     lines = []
-    got = {s: experiments.run_study(study_cfg(out, s), log=lines.append) for s in train.STUDIES}
+    got = {s: experiments.run_study(study_cfg(out, s), log=lines.append) for s in STUDIES}
     return out, got, lines
 
 
@@ -36,7 +36,7 @@ def cell(summary, label):
     return next(c for c in summary["cells"] if c["label"] == label)
 
 
-@pytest.mark.parametrize("study", train.STUDIES)
+@pytest.mark.parametrize("study", STUDIES)
 def test_each_study_writes_table_json_and_figure(studies, study):
     out, got, _ = studies
     stem = out / "results" / f"toy_{study}"
@@ -97,12 +97,12 @@ def test_variant_names_and_reuse(tmp_path):
     # a finished run is reused whatever the runs folder, threads or study that asks for it, not with another lambda
     cfg = study_cfg(tmp_path, "")
     cfg.train.method = "gflowgr-tb"
-    cfg = train.finalize(cfg)
+    cfg = finalize(cfg)
     d = run_dir(cfg)
     d.mkdir(parents=True)
     (d / "metrics.json").write_text("{}")
-    (d / "config.json").write_text(json.dumps(train.asdict(cfg)))
-    other = train.finalize(study_cfg(tmp_path, "k"))
+    (d / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    other = finalize(study_cfg(tmp_path, "k"))
     other.train.method, other.train.threads = "gflowgr-tb", 7
     assert finished(other)
     other.ft.lam = 2.0
@@ -143,7 +143,7 @@ def test_study_rerun_is_reproducible(studies, tmp_path):
     out, got, _ = studies
     shutil.copytree(out / "toy", tmp_path / "toy")  # the cached IDs, SFT and CM stages
     cfg = study_cfg(tmp_path, "")
-    again = train.main(experiments.study_config(cfg, "gflowgr-tb", 42, {"sampler.K": 1}), log=lambda *a: None)
+    again = main(experiments.study_config(cfg, "gflowgr-tb", 42, {"sampler.K": 1}), log=lambda *a: None)
     first = cell(got["k"], "K=1")["metrics"]
     assert {k: again["test"][k] for k in first} == {k: v["values"][0] for k, v in first.items()}
     div = experiments.run_study(study_cfg(out, "diversity"), log=lambda *a: None)

@@ -133,7 +133,7 @@ def test_damaged_cache_files_are_reported_and_redone(tmp_path):
     """A truncated SFT checkpoint, a truncated ID file and a CM checkpoint with one byte changed:
     each is detected on load (size / checksum), said, and that stage redone to the same result."""
     from conftest import tiny_config
-    from train import main
+    from pipeline import run as main
 
     cfg = tiny_config(tmp_path, method="gflowgr-tb")
     cfg.data.toy_users, cfg.train.epochs, cfg.cm.epochs = 150, 3, 3
@@ -178,10 +178,12 @@ def test_nan_mid_finetuning_stops_with_step_and_term_and_saves_no_nan(tmp_path, 
     import torch
 
     import collab
+    import finetune as finetune_mod
+    import pipeline
     import train
 
     poisoned, fine_tuning = {"on": False}, {"on": False}
-    real_score, real_evaluate, real_finetune = collab.SASRec.score, train.evaluate, train.finetune
+    real_score, real_evaluate, real_finetune = collab.SASRec.score, finetune_mod.evaluate, pipeline.finetune
 
     def score(self, *a):
         s = real_score(self, *a)
@@ -197,8 +199,8 @@ def test_nan_mid_finetuning_stops_with_step_and_term_and_saves_no_nan(tmp_path, 
         return real_finetune(*a, **k)
 
     monkeypatch.setattr(collab.SASRec, "score", score)
-    monkeypatch.setattr(train, "evaluate", evaluate)
-    monkeypatch.setattr(train, "finetune", finetune)
+    monkeypatch.setattr(finetune_mod, "evaluate", evaluate)  # the fine-tuning loop's validation
+    monkeypatch.setattr(pipeline, "finetune", finetune)
     argv = ["--dataset", "toy", "--method", "gflowgr-tb", "--toy-users", "150", "--epochs", "2", "--patience", "2",
             "--cm-epochs", "2", "--cm-patience", "2", "--ft-epochs", "2", "--head-warmup", "1", "--rq-epochs", "30",
             "--out", str(tmp_path)]

@@ -1,0 +1,283 @@
+"""The run's configuration: one dataclass per concept, every field a flag, data-set presets, run naming.
+
+`Config` gathers the config of each concept, each defined beside its code: data
+(data.DataConfig), semantic IDs (tokenizer.TokenizerConfig), the GR backbone
+(gflowgr.ModelConfig), the run and its SFT (`TrainConfig`, here), the collaborative model
+(collab.CollabConfig), the sampler (sampler.SamplerConfig), fine-tuning
+(finetune.FinetuneConfig) and the baselines (baselines.BaselineConfig).
+
+Every field is a command-line flag named after it (`--ft-lr`, `--K`; the CM's get a `cm-`
+prefix, `--cm-lr`); its help text is the field's `help`. Values come from: the defaults <- the
+data set's preset (`PRESETS`) <- the flags given. `finalize` fills the derived fields and
+rejects, with one message each, settings that cannot work.
+
+A run lives in `runs/<dataset>__[<backbone>__]<method>[+<variant>]__seed<N>/` (`run_dir`);
+a finished run whose config.json equals the config is reused (`finished`).
+
+Usage: `cfg = parse_config(["--dataset", "toy", "--method", "gflowgr-tb"])`
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import collab
+import results
+from baselines import BaselineConfig
+from collab import CollabConfig
+from data import DataConfig, DataError
+from finetune import LOG_FLOW_FORMS, LOG_Z_FORMS, METHODS as FINETUNE_TABLE, OBJECTIVE, FinetuneConfig
+from gflowgr import ModelConfig
+from losses import REWARD_TERMS
+from sampler import CANDIDATES, SAMPLERS, SamplerConfig
+from tokenizer import TokenizerConfig
+
+FINETUNE_METHODS = tuple(FINETUNE_TABLE)
+METHODS = ("sft", *FINETUNE_METHODS)  # sft, then the fine-tuning methods of finetune.METHODS
+# --method all: Table 1's rows (SFT, the six baselines, GFlowGR-DB/TB) plus the SFT-continued reference
+TABLE_BASELINES, TABLE_GFLOWGR = results.BASELINES, results.GFLOWGR  # in the paper's row order
+TABLE_METHODS = (*TABLE_BASELINES, *TABLE_GFLOWGR, "sft-continued")
+BACKBONES = ("tiger", "letter")
+STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-regime")  # experiments.py
+# The settings the studies vary (Table 2, Fig. 3). A GFlowGR run whose config differs from
+# the default in any of them is a variant: its folder name says how (see `variant`), so an
+# ablation never overwrites the full model and identical configs share one run.
+VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"), ("sampler.K", "K{}"),
+                  ("ft.weight", "no-weight"), ("ft.lam", "lambda{}"))
+
+
+@dataclass
+class TrainConfig:
+    method: str = field(default="sft", metadata={"help": f"training method: {' | '.join(METHODS)} | all (every Table 1 row)"})
+    backbone: str = field(default="tiger", metadata={"help": "tiger (RQ-VAE IDs) | letter (RQ-VAE + collaborative and diversity regularisers)"})
+    seed: int = field(default=42, metadata={"help": "random seed (the paper reports 42, 43, 44)"})
+    seeds: list = field(default_factory=list, metadata={"help": "run each method for these seeds and write results/<dataset>_<backbone>.md", "nargs": "+"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    out: str = field(default="runs", metadata={"help": "folder for runs and cached stages"})
+    epochs: int = field(default=30, metadata={"help": "maximum SFT epochs"})
+    batch_size: int = field(default=256, metadata={"help": "training batch size"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=300, metadata={"help": "linear warm-up steps, then cosine decay"})
+    patience: int = field(default=3, metadata={"help": "early stopping: evaluations without a better valid NDCG@10"})
+    eval_users: int = field(default=0, metadata={"help": "valid users scored after each epoch for early stopping (0 = all)"})
+    beam: int = field(default=20, metadata={"help": "beam width of the constrained beam search"})
+    topk: int = field(default=10, metadata={"help": "length of the recommendation list"})
+    eval_batch: int = field(default=512, metadata={"help": "users per beam-search batch"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
+    study: str = field(default="", metadata={"help": "run an analysis study instead of one run: ablation | k | lambda | diversity | exposure | fusion | paper-regime (experiments.py, writes results/<dataset>_<study>.*)"})
+    tag: str = field(default="", metadata={"help": "a name appended to the run folder (<method>+<tag>), to keep a study's runs apart"})
+    regime_epochs: int = field(default=3, metadata={"help": "paper-regime study: SFT epochs of the under-trained starting point (chosen on validation)"})
+    diversity_users: int = field(default=200, metadata={"help": "diversity study: test users whose whole item distribution P(v|U) is computed (~1 s each on a CPU for Beauty; 0 = all)"})
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tok: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cm: CollabConfig = field(default_factory=CollabConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    ft: FinetuneConfig = field(default_factory=FinetuneConfig)
+    bl: BaselineConfig = field(default_factory=BaselineConfig)
+
+
+# Per-data-set overrides of the defaults; flags given on the command line win.
+PRESETS = {
+    "toy": {"tok.codebook_size": 16, "tok.rq_epochs": 150, "tok.rq_batch": 256, "model.d_model": 64, "model.d_ff": 256,
+            "train.epochs": 40, "train.batch_size": 128, "train.lr": 3e-3, "train.warmup_steps": 50, "train.patience": 5,
+            "cm.max_len": 20, "cm.batch_size": 32, "cm.lr": 5e-3, "cm.epochs": 20, "cm.patience": 5,
+            "ft.ft_epochs": 4, "ft.ft_lr": 1e-3, "ft.head_warmup": 10, "sampler.n_candidates": 30},
+    "beauty": {"train.epochs": 20, "train.eval_users": 5000, "cm.lr": 2e-3, "train.regime_epochs": 4},
+    # Yelp's validation curve is flatter and noisier than Beauty's: with patience 3 on 5,000
+    # users, seeds 43/44 stopped at epochs 6/9 (test HR@10 0.015/0.018) while seed 42 was still
+    # improving at epoch 20 (0.027); BENCHMARKS.md, Table 1 on Yelp.
+    "yelp": {"train.epochs": 40, "train.patience": 6, "train.eval_users": 10000, "cm.lr": 2e-3},
+}
+# TrainConfig fields that do not change the SFT model, so are left out of its cache key
+NOT_SFT_SETTINGS = ("method", "backbone", "seeds", "device", "out", "eval_batch", "threads", "study", "diversity_users",
+                    "tag", "regime_epochs")
+# ... and those that do not change a run's result, so a finished run is reused whatever they are
+NOT_RUN_SETTINGS = ("seeds", "study", "diversity_users", "threads", "eval_batch", "out", "regime_epochs")
+DERIVED = {"model.max_his_len", "cm.seed"}  # filled from data.max_his_len / train.seed after parsing
+FLAG_PREFIX = {"cm": "cm-"}  # SASRec's fields share names with the GR's (epochs, lr, ...)
+
+
+# ----------------------------------------------------------------------------------------
+# Config <-> command line
+# ----------------------------------------------------------------------------------------
+
+
+def _fields(cfg: Config):
+    for group in dataclasses.fields(cfg):
+        sub = getattr(cfg, group.name)
+        for f in dataclasses.fields(sub):
+            if f"{group.name}.{f.name}" not in DERIVED:
+                yield group.name, f, sub
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="GFlowGR reference implementation: train and evaluate a generative recommender.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for group, f, sub in _fields(Config()):
+        flag = f.metadata.get("flag") or "--" + FLAG_PREFIX.get(group, "") + f.name.replace("_", "-")
+        kind = type(getattr(sub, f.name))
+        kw = {"dest": f"{group}.{f.name}", "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.metadata.get("nargs"):
+            p.add_argument(flag, nargs=f.metadata["nargs"], type=int, **kw)
+        elif f.name == "data_dir":
+            p.add_argument(flag, type=str, **kw)
+        else:
+            p.add_argument(flag, type=kind, **kw)
+    return p
+
+
+def set_field(cfg: Config, dotted: str, value) -> None:
+    group, name = dotted.split(".")
+    setattr(getattr(cfg, group), name, value)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Defaults <- dataset preset <- explicit flags, then derived fields."""
+    given = vars(build_parser().parse_args(argv))
+    cfg = Config()
+    dataset = given.get("data.dataset", cfg.data.dataset)
+    if dataset not in PRESETS:
+        raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(PRESETS)}")
+    for dotted, value in {**PRESETS[dataset], **given}.items():
+        set_field(cfg, dotted, value)
+    return finalize(cfg)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from its asdict() form (a run's config.json). Keys this version does
+    not know are ignored and missing ones keep their defaults, so older runs still load."""
+    cfg = Config()
+    for group in dataclasses.fields(cfg):
+        sub = getattr(cfg, group.name)
+        known = {f.name for f in dataclasses.fields(sub)}
+        for name, value in (d.get(group.name) or {}).items():
+            if name in known:
+                setattr(sub, name, value)
+    if "cm" in d and "loss" not in d["cm"]:
+        cfg.cm.loss = "bce"  # runs from before --cm-loss trained their CM with SASRec's BCE
+    return cfg
+
+
+def finalize(cfg: Config) -> Config:
+    """Fill derived fields and reject settings that cannot work, with a message saying why."""
+    cfg.model.max_his_len = cfg.data.max_his_len
+    cfg.cm.seed = cfg.train.seed
+    t, ft, sp = cfg.train, cfg.ft, cfg.sampler
+    if cfg.data.dataset not in PRESETS:
+        raise DataError(f"unknown dataset {cfg.data.dataset!r}: choose one of {', '.join(PRESETS)}")
+    if t.method not in (*METHODS, "all"):
+        raise DataError(f"unknown method {t.method!r}: choose one of {', '.join(METHODS)}, all")
+    if t.backbone not in BACKBONES:
+        raise DataError(f"unknown backbone {t.backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if t.backbone == "letter":
+        cfg.tok.id_method = "letter"  # the LETTER tokenizer: RQ-VAE + collaborative and diversity regularisers
+    elif cfg.tok.id_method == "letter":
+        raise DataError("--id-method letter is the LETTER backbone: use --backbone letter")
+    if t.study and t.study not in STUDIES:
+        raise DataError(f"unknown study {t.study!r}: choose one of {', '.join(STUDIES)}")
+    if t.tag and not all(ch.isalnum() or ch == "-" for ch in t.tag):
+        raise DataError(f"--tag may hold letters, digits and '-' only (got {t.tag!r}): it becomes part of a folder name")
+    if t.regime_epochs < 1:
+        raise DataError(f"--regime-epochs must be >= 1 (got {t.regime_epochs})")
+    if t.diversity_users < 0:
+        raise DataError(f"--diversity-users must be >= 0 (got {t.diversity_users})")
+    if t.method == "all" and not t.seeds:
+        t.seeds = [t.seed]
+    if t.beam < t.topk:
+        raise DataError(f"--beam ({t.beam}) must be at least --topk ({t.topk})")
+    if t.topk < 10:
+        raise DataError("--topk must be at least 10 to report HR@10 and NDCG@10")
+    if ft.lam < 0:
+        raise DataError(f"--lambda must be >= 0 (got {ft.lam})")
+    if sp.K < 0:
+        raise DataError(f"--K must be >= 0 (got {sp.K})")
+    if sp.sampler not in SAMPLERS:
+        raise DataError(f"unknown sampler {sp.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if sp.candidates not in CANDIDATES:
+        raise DataError(f"unknown --candidates {sp.candidates!r}: choose one of {', '.join(CANDIDATES)}")
+    if ft.reward_beta <= 0:
+        raise DataError(f"--reward-beta must be > 0 (got {ft.reward_beta})")
+    if sp.sampler != "none" and sp.K > sp.n_candidates:
+        raise DataError(f"--K ({sp.K}) cannot exceed the candidate pool --n-candidates ({sp.n_candidates})")
+    terms = [x for x in ft.reward.split(",") if x]
+    if not terms or set(terms) - set(REWARD_TERMS):
+        raise DataError(f"--reward must be a comma-separated subset of {','.join(REWARD_TERMS)} (got {ft.reward!r})")
+    if ft.log_z not in LOG_Z_FORMS:
+        raise DataError(f"--log-z must be one of {', '.join(LOG_Z_FORMS)} (got {ft.log_z!r})")
+    if ft.log_z == "vargrad" and (sp.K == 0 or sp.sampler == "none") and t.method == "gflowgr-tb":
+        raise DataError("--log-z vargrad estimates log Z from each sample's 1 + K trajectories: it needs --K >= 1 "
+                        "and a sampler (with K = 0 the TB residual is 0 by construction)")
+    if ft.log_flow not in LOG_FLOW_FORMS:
+        raise DataError(f"--log-flow must be {' or '.join(LOG_FLOW_FORMS)} (got {ft.log_flow!r})")
+    if cfg.cm.loss not in collab.CM_LOSSES:
+        raise DataError(f"--cm-loss must be one of {', '.join(collab.CM_LOSSES)} (got {cfg.cm.loss!r})")
+    if cfg.cm.score not in collab.CM_SCORES:
+        raise DataError(f"--cm-score must be one of {', '.join(collab.CM_SCORES)} (got {cfg.cm.score!r})")
+    if cfg.cm.negatives < 1:
+        raise DataError(f"--cm-negatives must be >= 1 (got {cfg.cm.negatives})")
+    return cfg
+
+
+def apply_preset(cfg: Config) -> Config:
+    """For in-process callers: start from the dataset preset, keeping fields already changed from the defaults."""
+    base, out = Config(), copy.deepcopy(cfg)
+    for dotted, value in PRESETS.get(cfg.data.dataset, {}).items():
+        group, name = dotted.split(".")
+        if getattr(getattr(cfg, group), name) == getattr(getattr(base, group), name):
+            set_field(out, dotted, value)
+    return finalize(out)
+
+
+def variant(cfg: Config) -> str:
+    """'' for the full model, else the study settings that differ from the defaults, '+'-joined.
+
+    >>> c = Config(); c.train.method, c.sampler.K, c.ft.lam = "gflowgr-tb", 0, 10.0; variant(c)
+    'K0+lambda10'
+    """
+    tag = [cfg.train.tag] if cfg.train.tag else []
+    if cfg.train.method not in OBJECTIVE:
+        return "+".join(tag)
+    base, parts = Config(), []
+    for dotted, fmt in VARIANT_FIELDS:
+        group, name = dotted.split(".")
+        value = getattr(getattr(cfg, group), name)
+        if value != getattr(getattr(base, group), name):
+            parts.append(fmt.format(f"{value:g}" if isinstance(value, float) else str(value).replace(",", "-")))
+    return "+".join(parts + tag)
+
+
+def run_dir(cfg: Config) -> Path:
+    """The folder of the run cfg describes: runs/<dataset>__[<backbone>__]<method>[+<variant>]__seed<N>."""
+    t = cfg.train
+    return Path(t.out) / results.run_name(cfg.data.dataset, t.backbone, t.method, t.seed, variant(cfg))
+
+
+def finished(cfg: Config) -> bool:
+    """Whether the run of cfg has finished earlier with this very configuration: its metrics.json
+    exists and its config.json equals cfg (fields added since it ran count as their defaults)."""
+    d = run_dir(cfg)
+    if not (d / "metrics.json").exists() or not (d / "config.json").exists():
+        return False
+    try:
+        done = config_from_dict(json.loads((d / "config.json").read_text()))
+    except json.JSONDecodeError:
+        return False
+    return run_identity(done) == run_identity(cfg)
+
+
+def run_identity(cfg: Config) -> dict:
+    """What makes a run's result: its config, not who asked for it or how fast it ran."""
+    return json.loads(json.dumps({**asdict(cfg), "train": {k: v for k, v in asdict(cfg.train).items() if k not in NOT_RUN_SETTINGS}}))

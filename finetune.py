@@ -1,0 +1,436 @@
+"""Fine-tuning from the SFT checkpoint: GFlowGR (paper Sec. 3.3) and every other method of Table 1, in one loop.
+
+Read it top to bottom:
+
+1. `gflowgr_step`: one GFlowGR training step of Sec. 3.3. For a batch of users U with their
+   observed items v: the adaptive sampler (sampler.py, Sec. 3.1) draws K augmented items
+   tau'; the reward model scores all 1 + K trajectories, R = r_a + r_c + r_sim (Sec. 3.2,
+   `trajectory_rewards`); the loss is Eq. (8) (losses.gflowgr_loss)
+
+       L = L_GR(tau) + lambda * sum_{tau in {tau} u tau'} w(tau) * L_GFN(tau),
+       w(tau) = 1 / (r_a - r_c)^2,   L_GFN = L_TB (Eq. 6) or L_DB (Eq. 5).
+
+2. `Method`: what the loop asks of a fine-tuning method (its loss for a batch, its extra
+   parameters, a hook at each epoch, its state for resuming). `GFlowGR` wraps gflowgr_step;
+   `SFTContinued` is Eq. (1) alone, the control that tells a GFlowGR gain from extra
+   training; `Preference` runs the baselines of baselines.py (DPO, S-DPO, SPRec, IPA, GRPO, PPO).
+3. `METHODS`: the table from a method's name to its class. Adding a method = its loss in
+   losses.py (or its data in baselines.py) + a small Method subclass + one entry here
+   (README, "Adding a method").
+4. `finetune`: the loop. Every method gets the same SFT starting point, optimiser (AdamW,
+   the backbone at --ft-lr, a method's extra parameters at --head-lr), epochs, clipping at
+   norm 1 and evaluation; the epoch with the best valid NDCG@10 is kept. The whole state is
+   saved after every epoch, so a killed run resumes to the same numbers.
+
+Usage: `heads, sampler, info = finetune(model, cm, train_t, valid_t, cfg, "gflowgr-tb", logger)`
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import cache
+from baselines import BASELINES, Baseline
+from batches import length_bucketed_batches, trim
+from data import DataError
+from evaluation import evaluate, recommend
+from gflowgr import GFlowNetHeads, GRModel
+from losses import gflowgr_loss, gr_loss, log_reward, reward, trajectory_weight, vargrad_log_z
+from runtime import JsonlLogger, check_finite, set_seed
+from sampler import TrajectorySampler
+
+OBJECTIVE = {"gflowgr-tb": "tb", "gflowgr-db": "db"}  # the GFlowNet objective of each GFlowGR method
+LOG_Z_FORMS = ("user", "scalar", "vargrad")  # gflowgr.GFlowNetHeads; vargrad: losses.vargrad_log_z
+LOG_FLOW_FORMS = ("head", "prefix")
+
+
+@dataclass
+class FinetuneConfig:
+    ft_epochs: int = field(default=2, metadata={"help": "fine-tuning epochs (every fine-tuning method: same budget)"})
+    ft_lr: float = field(default=3e-4, metadata={"help": "fine-tuning learning rate of the backbone"})
+    head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the log Z / log F heads (larger, as GFlowNets use)"})
+    head_warmup: int = field(default=200, metadata={"help": "first steps train only the log Z / log F heads (backbone frozen)"})
+    lam: float = field(default=1.0, metadata={"help": "lambda of Eq. (7)/(8): weight of the GFlowNet loss", "flag": "--lambda"})
+    reward: str = field(default="ra,rc,rsim", metadata={"help": "reward terms, any subset of ra,rc,rsim (Sec. 3.2)"})
+    weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
+    log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z) | vargrad (closed form from each sample's 1 + K trajectories)"})
+    log_flow: str = field(default="prefix", metadata={"help": "DB's log F(s_l): head (an MLP on the prefix state) | prefix (the MLP plus the policy's own log-probability of reaching s_l, detached: starts near balance)"})
+    reward_beta: float = field(default=3.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1; 3 was best on Beauty valid)"})
+    sft_prior: bool = field(default=False, metadata={"help": "reward times the frozen SFT likelihood: target P_SFT(v|U) R^beta / Z(U)"})
+    rsim_dedup: bool = field(default=False, metadata={"help": "count the dedup (collision) token in r_sim too (default: semantic levels only)"})
+    inspect_users: int = field(default=40, metadata={"help": "test users whose trajectories go into inspect.json"})
+
+
+# ----------------------------------------------------------------------------------------
+# 1. One GFlowGR step (Sec. 3.3)
+# ----------------------------------------------------------------------------------------
+
+
+def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, cfg, prior: GRModel | None = None,
+                       hist: torch.Tensor | None = None, hist_len: torch.Tensor | None = None):
+    """Sec. 3.2 reward of items (B, M) (column 0 observed) and the log-reward the GFlowNet targets, each (B, M).
+
+    log R^beta is floored (losses.log_reward). r_sim compares the semantic tokens t_1..t_levels
+    only, unless --rsim-dedup: the last token only numbers items that collide on those, and
+    82% of Beauty items carry dedup token 0, so two unrelated items would 'share' it.
+
+    prior (--sft-prior; needs hist, hist_len): the frozen SFT model; the target becomes
+    log R^beta + log P_SFT(v | U), so the balanced policy is P_SFT(v|U) R(v)^beta / Z(U).
+    cfg: config.Config (its ft and tok parts).
+    """
+    codes = model.item_codes[items]  # (B, M, L)
+    if not cfg.ft.rsim_dedup:
+        codes = codes[..., : cfg.tok.levels]
+    rew = reward(codes, r_c, tuple(cfg.ft.reward.split(",")))
+    log_r = log_reward(rew["R"], beta=cfg.ft.reward_beta)  # (B, M)
+    if prior is not None:
+        with torch.no_grad():
+            log_r = log_r + prior.trajectories(hist, hist_len, items)[0].sum(-1)  # + log P_SFT(v | U)
+    return rew, log_r
+
+
+def balance_terms(heads: GFlowNetHeads, objective: str, ft: FinetuneConfig, log_pf, h, mem, mask, log_r, w):
+    """log Z (B,) for TB, or log F(s_l) (B, M, L) for DB, in the form --log-z / --log-flow chose.
+
+    TB, --log-z vargrad: the closed-form log Z of each sample from its own 1 + K trajectories,
+    weighted as Eq. (8) weights them (losses.vargrad_log_z); else the log Z head.
+    DB, --log-flow prefix: log F(s_l) = head(s_l) + sum_{j<l} log P_F(t_{j+1} | s_j), the second
+    term detached: F(s) is the head times the policy's probability of reaching s, so at the
+    start (head = a constant) every DB step but the last is balanced and the last carries the
+    TB residual. Returns (log_z, log_flow), the one the objective does not use None.
+    """
+    if objective == "tb":
+        if ft.log_z == "vargrad":
+            return vargrad_log_z(log_pf, log_r, w if ft.weight else None), None  # (B,)
+        return heads.log_z(mem, mask), None  # (B,)
+    log_flow = heads.log_flow(h)  # (B, M, L)
+    if ft.log_flow == "prefix":
+        log_flow = log_flow + (log_pf.detach().cumsum(-1) - log_pf.detach())  # exclusive cumulative sum
+    return None, log_flow
+
+
+def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: float, cfg, objective: str,
+                 prior: GRModel | None = None):
+    """One GFlowGR batch: sample tau', score rewards, compute Eq. (8). Returns loss, parts, stats, terms.
+
+    hist (B, S), hist_len (B,), target (B,); progress in [0, 1]: the sampler's curriculum position.
+    parts: the loss terms (detached, logged); stats: log Z, log R, the mean absolute TB residual
+    of the observed and of the augmented trajectories, the curriculum's CM score; terms: L_GR
+    and lambda * L_GFN with their graphs (finetune measures their gradient norms from them).
+    prior (--sft-prior): the frozen SFT model (see trajectory_rewards).
+    """
+    ft = cfg.ft
+    # Sec. 3.1: K augmented items from the adaptive sampler, with their CM scores
+    aug, r_c_aug = sampler.sample(hist, hist_len, target, progress, model)  # (B, K), (B, K)
+    r_c_obs = cm.score(hist, hist_len, target[:, None])  # (B, 1): y_CM(v, U)
+    items = torch.cat([target[:, None], aug], 1)  # (B, M): column 0 is the observed trajectory tau
+    r_c = torch.cat([r_c_obs, r_c_aug], 1)  # (B, M)
+    log_pf, h, mem, mask = model.trajectories(hist, hist_len, items)  # (B, M, L), (B, M, L, d)
+    # Sec. 3.2: R = r_a + r_c + r_sim, and the log-reward the GFlowNet targets
+    rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, hist, hist_len)  # (B, M)
+    w = trajectory_weight(rew["r_a"], r_c) if ft.weight else torch.ones_like(log_r)  # (B, M), Eq. (8)'s weight
+    log_z, log_flow = balance_terms(heads, objective, ft, log_pf, h, mem, mask, log_r, w)
+    # Eq. (8) (Eq. 7 with --no-weight)
+    loss, parts = gflowgr_loss(log_pf, log_r, objective=objective, r_a=rew["r_a"], r_c=r_c, log_z=log_z,
+                               log_flow=log_flow, lam=ft.lam, weighted=ft.weight)
+    terms = {"gr": parts.pop("_l_gr"), "gfn": parts.pop("_l_gfn")}  # with their graphs, for the gradient norms
+    parts["gfn/balance_offset"] = (log_r - log_pf.sum(-1)).mean().detach()  # the log Z that balances the batch on average
+    # Eq. (6)'s residual log Z + sum_l log P_F - log R per trajectory (DB: telescoped, log Z = log F(s_0))
+    with torch.no_grad():
+        start = log_z[:, None] if log_z is not None else log_flow[..., 0]  # (B, 1) or (B, M)
+        residual = (start + log_pf.sum(-1) - log_r).abs()  # (B, M)
+    stats = {"gfn/log_z": (log_z if log_z is not None else log_flow[:, 0, 0]).mean().item(),
+             "gfn/log_r_obs": log_r[:, 0].mean().item(),
+             "gfn/log_r_aug": log_r[:, 1:].mean().item() if log_r.shape[1] > 1 else float("nan"),
+             "gfn/residual_obs": residual[:, 0].mean().item(),
+             "gfn/residual_aug": residual[:, 1:].mean().item() if log_r.shape[1] > 1 else float("nan"),
+             "sampler/cm_score": r_c_aug.mean().item() if r_c_aug.numel() else float("nan")}
+    return loss, parts, stats, terms
+
+
+def grad_norms(terms: dict, params: list) -> dict:
+    """The L2 norm of the gradient of each loss term alone (before clipping), e.g. L_GR and lambda L_GFN.
+
+    Uses autograd.grad with the graph kept, so nothing accumulates into .grad and the step that
+    follows is the same as without this measurement.
+    """
+    out = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        out[f"grad/{name}"] = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None) or torch.zeros(())))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# 2. The methods, as the loop sees them
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loss:
+    """What a method's `loss` returns for one batch."""
+    value: torch.Tensor  # the scalar to minimise
+    parts: dict  # its terms, detached, logged as they are named ("loss/gr", ...)
+    stats: dict = field(default_factory=dict)  # other numbers to log ("gfn/log_z", ...)
+    terms: dict = field(default_factory=dict)  # loss terms with their graphs: the loop logs each one's gradient norm
+
+
+class Method:
+    """One fine-tuning method. The loop builds it once, then for every epoch calls start_epoch and,
+    for every batch, loss (inner_steps times, each followed by an optimiser step).
+
+    The base class holds what every method may use; it is not a method itself.
+    """
+    uses_sampler = False  # whether it draws augmented items from the adaptive sampler (sampler.py)
+    inner_steps = 1  # optimiser steps per batch (PPO: several)
+    warmup = 0  # first steps in which the backbone stays frozen and only `parameters()` train
+
+    def __init__(self, name: str, model: GRModel, heads: GFlowNetHeads, cm, sampler, cfg, train_t: dict):
+        self.name, self.model, self.heads, self.cm, self.sampler, self.cfg = name, model, heads, cm, sampler, cfg
+
+    @classmethod
+    def needs_sampler(cls, name: str) -> bool:
+        """Asked before the method is built: the loop builds the sampler for methods that draw from it."""
+        return cls.uses_sampler
+
+    def parameters(self) -> list:
+        """Parameters besides the backbone's, trained at --head-lr (GFlowNet heads, a value head)."""
+        return []
+
+    def start(self, train_t: dict) -> None:
+        """Once, before the first epoch of a run that is not resumed."""
+
+    def start_epoch(self, epoch: int, train_t: dict) -> None:
+        """At the start of every epoch (self-play baselines build their pairs here)."""
+
+    def loss(self, idx, hist, hist_len, target, progress: float, inner: int) -> Loss:
+        """The loss of one batch: idx (B,) training-sample indices, hist (B, S), hist_len (B,), target (B,)."""
+        raise NotImplementedError
+
+    def state(self) -> dict | None:
+        """What a resumed run needs back besides the backbone, the heads and the optimiser."""
+        return None
+
+    def load_state(self, state: dict | None) -> None:
+        pass
+
+
+class SFTContinued(Method):
+    """Eq. (1) alone with the same optimiser, steps and schedule: any gain of GFlowGR over this is
+    not just extra training."""
+
+    def loss(self, idx, hist, hist_len, target, progress, inner):
+        log_pf, _ = self.model(hist, hist_len, target)  # (B, L)
+        loss = gr_loss(log_pf)  # Eq. (1)
+        return Loss(loss, {"loss/gr": loss.detach()})
+
+
+class GFlowGR(Method):
+    """GFlowGR-TB / GFlowGR-DB: Eq. (8) by gflowgr_step, with the log Z / log F heads."""
+    uses_sampler = True
+
+    def __init__(self, name, model, heads, cm, sampler, cfg, train_t):
+        super().__init__(name, model, heads, cm, sampler, cfg, train_t)
+        self.objective = OBJECTIVE[name]
+        ft = cfg.ft
+        self.prior = copy.deepcopy(model).eval() if ft.sft_prior else None  # the frozen SFT model
+        # The heads start untrained: their first, huge residuals would flow into the SFT backbone
+        # and undo it (on toy, valid HR@10 fell from 0.52 to 0.12 in the first epoch). So the
+        # backbone waits `head_warmup` steps while log Z / log F catch up.
+        # (a closed-form log Z has nothing to warm up: with --log-z vargrad, TB starts at once)
+        self.warmup = 0 if self.objective == "tb" and ft.log_z == "vargrad" else ft.head_warmup
+
+    def parameters(self):
+        return list(self.heads.parameters())
+
+    @torch.no_grad()
+    def start(self, train_t):
+        """Centre the first TB / DB residuals (see GFlowNetHeads.init_offset) on one batch."""
+        # measured without dropout: a cached SFT model arrives in train mode, a fresh one in eval
+        # mode, and the offset (so the whole run) must not depend on which
+        self.model.eval()
+        t = self.cfg.train
+        n = len(train_t["target"])
+        b = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed))[: t.batch_size].to(train_t["target"].device)
+        hl = train_t["hist_len"][b]
+        _, parts, _, _ = gflowgr_step(self.model, self.heads, self.cm, self.sampler, trim(train_t["hist"][b], hl), hl,
+                                      train_t["target"][b], 0.0, self.cfg, self.objective, self.prior)
+        self.heads.init_offset(float(parts["gfn/balance_offset"]))
+
+    def loss(self, idx, hist, hist_len, target, progress, inner):
+        loss, parts, stats, terms = gflowgr_step(self.model, self.heads, self.cm, self.sampler, hist, hist_len, target,
+                                                 progress, self.cfg, self.objective, self.prior)
+        return Loss(loss, parts, stats, terms)
+
+
+class Preference(Method):
+    """A Table 1 baseline of baselines.py (DPO, S-DPO, SPRec, IPA, GRPO, PPO), from the same SFT start."""
+
+    def __init__(self, name, model, heads, cm, sampler, cfg, train_t):
+        super().__init__(name, model, heads, cm, sampler, cfg, train_t)
+        t, ft = cfg.train, cfg.ft
+
+        def propose(m, n):  # the model's own top-n items for every training sample (SPRec, IPA)
+            items = recommend(m, train_t, dataclasses.replace(t, beam=max(t.beam, n), topk=n), desc=f"{name} proposals")[0]
+            m.train()
+            return items
+
+        self.baseline = Baseline(name, model, copy.deepcopy(model).eval(), cm, sampler, cfg.bl, tuple(ft.reward.split(",")),
+                                 None if ft.rsim_dedup else cfg.tok.levels, len(train_t["target"]), propose, seed=t.seed)
+        for p in self.baseline.parameters():
+            p.data = p.data.to(train_t["target"].device)
+        self.inner_steps = self.baseline.inner_steps
+
+    @classmethod
+    def needs_sampler(cls, name):
+        return name in ("dpo", "sdpo")  # DPO's rejected item and S-DPO's K negatives come from the sampler
+
+    def parameters(self):
+        return self.baseline.parameters()
+
+    def start_epoch(self, epoch, train_t):
+        self.baseline.start_epoch(epoch, train_t)
+
+    def loss(self, idx, hist, hist_len, target, progress, inner):
+        return Loss(*self.baseline.loss(idx, hist, hist_len, target, progress, inner))
+
+    def state(self):
+        return self.baseline.state()
+
+    def load_state(self, state):
+        self.baseline.load_state(state)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. The table: a method's name -> its class. `--method NAME` accepts every key.
+# ----------------------------------------------------------------------------------------
+
+METHODS: dict[str, type[Method]] = {
+    "sft-continued": SFTContinued,
+    "gflowgr-tb": GFlowGR,
+    "gflowgr-db": GFlowGR,
+    **{name: Preference for name in BASELINES},
+}
+
+
+# ----------------------------------------------------------------------------------------
+# 4. The loop
+# ----------------------------------------------------------------------------------------
+
+
+def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str, logger: JsonlLogger, log=print,
+             resume_path: Path | None = None, resume: dict | None = None, identity=None):
+    """Fine-tune the SFT backbone with `method` for ft_epochs; keep the epoch with the best valid NDCG@10.
+
+    train_t, valid_t: batches.to_tensors of the splits; cfg: config.Config. After every epoch
+    the whole state (backbone, heads, the method's own state, optimiser, schedule, batch order,
+    sampler and other random generators, best epoch) is saved atomically to resume_path with
+    `identity` (the run's configuration); `resume` (that state, loaded) continues from it to
+    the same result. Returns the GFlowNet heads, the sampler (None if the method has none) and
+    the run's info (best epoch, seconds, samples/s).
+    """
+    t, ft = cfg.train, cfg.ft
+    device = train_t["target"].device
+    # the heads' initial weights and the dropout masks: the same whatever ran before in this
+    # process (a study trains many runs in one), so a run's numbers depend on its config alone
+    set_seed(t.seed)
+    # the GFlowNet heads exist in every run (built first, so every method's random stream starts
+    # at the same point; saved with every checkpoint); only GFlowGR trains them
+    heads = GFlowNetHeads(cfg.model.d_model, ft.log_z).to(device)
+    cls = METHODS[method]
+    sampler = TrajectorySampler(cm, model.item_codes.shape[0], cfg.sampler, seed=t.seed) if cls.needs_sampler(method) else None
+    m = cls(method, model, heads, cm, sampler, cfg, train_t)
+    extra_params = m.parameters()
+    # the method's own parameters (log Z / log F heads, PPO's value head) get their own, larger learning rate
+    groups = [{"params": model.parameters(), "lr": ft.ft_lr, "weight_decay": t.weight_decay}]
+    if extra_params:
+        groups.append({"params": extra_params, "lr": ft.head_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
+    params = [*model.parameters(), *extra_params]  # what the clipping at norm 1 sees
+    warm = m.warmup
+    # the backbone's learning rate is 0 during the warm-up; the extra parameters train throughout
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: float(s >= warm), lambda s: 1.0][: len(groups)])
+    gen = torch.Generator().manual_seed(t.seed + 1)
+    n_batches = math.ceil(len(train_t["target"]) / t.batch_size)
+    total = ft.ft_epochs * n_batches
+    if warm >= total:
+        raise DataError(f"--head-warmup ({warm} steps) is not shorter than the whole fine-tuning ({total} steps: "
+                        f"{ft.ft_epochs} epochs of {n_batches}): lower it or raise --ft-epochs")
+    eval_idx = None
+    if 0 < t.eval_users < len(valid_t["target"]):
+        eval_idx = torch.randperm(len(valid_t["target"]), generator=torch.Generator().manual_seed(t.seed))[: t.eval_users]
+    best = {"ndcg@10": -1.0}
+    step, t_train, n_seen, start = 0, 0.0, 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        heads.load_state_dict(resume["heads"])
+        m.load_state(resume.get("method", resume.get("baseline")))  # 'baseline': resume files written before finetune.py
+        if sampler is not None:
+            sampler.gen.set_state(resume["sampler_gen"])
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+        gen.set_state(resume["gen"])
+        cache.set_rng_state(resume["rng"])
+        best, step, t_train, n_seen, start = (resume[k] for k in ("best", "step", "t_train", "n_seen", "epoch"))
+        log(f"[resume] {method} continues after epoch {start} of {ft.ft_epochs} ({resume_path})")
+    else:
+        m.start(train_t)
+    for epoch in range(start, ft.ft_epochs):
+        m.start_epoch(epoch, train_t)
+        model.train()
+        heads.train()
+        t0 = time.time()
+        bar = tqdm(length_bucketed_batches(train_t["hist_len"].cpu(), t.batch_size, gen), desc=f"{method} epoch {epoch + 1}/{ft.ft_epochs}", leave=False)
+        for b in bar:
+            b = b.to(device)
+            hl = train_t["hist_len"][b]
+            hist, target = trim(train_t["hist"][b], hl), train_t["target"][b]
+            progress = step / max(1, total - 1)  # the sampler's curriculum position, 0 -> 1 over the run
+            logged = (step + 1) % 20 == 0 or step == 0  # this step's numbers go into metrics.jsonl
+            for inner in range(m.inner_steps):
+                out = m.loss(b, hist, hl, target, progress, inner)
+                grads = grad_norms(out.terms, params) if logged and out.terms else {}
+                opt.zero_grad(set_to_none=True)
+                out.value.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+                check_finite(step, out.value, out.parts, grad_norm)
+                opt.step()
+            sched.step()
+            step += 1
+            n_seen += len(b)
+            if logged:
+                # charts/clipped: 1 when clipping at norm 1 scaled this step down (grad/total > 1)
+                row = {k: float(v) for k, v in out.parts.items()} | out.stats | grads | {
+                    "grad/total": float(grad_norm), "charts/clipped": float(grad_norm > 1.0)}
+                bar.set_postfix(loss=f"{out.value.item():.3f}",
+                                **({"log_z": f"{out.stats['gfn/log_z']:.2f}"} if "gfn/log_z" in out.stats else {}))
+                logger.log(step=step, epoch=epoch, **row)
+        t_train += time.time() - t0
+        val = evaluate(model, valid_t, t, eval_idx, desc="valid")
+        logger.log(step=step, epoch=epoch + 1, **{f"eval/valid_{k}": v for k, v in val.items()},
+                   **{"charts/samples_per_s": n_seen / t_train, "charts/epoch_seconds": time.time() - t0})
+        # only epochs in which the backbone trained compete: a warm-up-only epoch is the SFT model
+        improved = val["ndcg@10"] > best["ndcg@10"] and step > warm
+        log(f"{method} epoch {epoch + 1}  valid HR@10 {val['hr@10']:.4f} NDCG@10 {val['ndcg@10']:.4f}"
+            f"  ({n_seen / t_train:.0f} samples/s){'  *' if improved else ''}")
+        if improved:
+            best = {"ndcg@10": val["ndcg@10"], "epoch": epoch + 1, "step": step,
+                    "state": copy.deepcopy(model.state_dict()), "heads": copy.deepcopy(heads.state_dict())}
+        if resume_path is not None and epoch + 1 < ft.ft_epochs:
+            cache.save({"model": model.state_dict(), "heads": heads.state_dict(), "method": m.state(),
+                        "sampler_gen": sampler.gen.get_state() if sampler is not None else None,
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(), "rng": cache.rng_state(),
+                        "best": best, "step": step, "t_train": t_train, "n_seen": n_seen, "epoch": epoch + 1,
+                        "log_bytes": logger.tell(), "identity": identity}, resume_path)
+    model.load_state_dict(best["state"])
+    heads.load_state_dict(best["heads"])
+    info = {"best_epoch": best["epoch"], "step": best["step"], "train_seconds": t_train,
+            "seconds_per_epoch": t_train / ft.ft_epochs, "samples_per_s": n_seen / max(t_train, 1e-9)}
+    return heads, sampler, info

@@ -1,0 +1,159 @@
+"""One run of the pipeline, and Table 1's runs over methods and seeds.
+
+A run (paper Sec. 4): load and split the data -> semantic IDs -> SFT (Eq. 1) -> for a
+fine-tuning method, the CM and the fine-tuning (finetune.py) -> beam-search evaluation of
+valid and test users -> the run folder and the printed table:
+
+    runs/<dataset>__<method>__seed<seed>/   config.json, metrics.json, metrics.jsonl,
+                                            checkpoint.pt, inspect.json (fine-tuned runs)
+
+The expensive stages are cached (stages.py, collab.load_or_train); a run that finished with
+the same config is reused (`run_or_reuse`); `run_table` runs every (method, seed) of
+--method all / --seeds and writes results/<dataset>_<backbone>.md with the t-tests.
+
+Usage: `metrics = run(config.apply_preset(Config()))`   (the command line is train.py)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import cache
+import collab
+import data as data_mod
+import results
+from batches import to_tensors
+from config import TABLE_BASELINES, TABLE_GFLOWGR, TABLE_METHODS, Config, finalize, finished, run_dir, run_identity
+from evaluation import evaluate, format_table, mostpop_metrics
+from finetune import finetune
+from inspection import build_inspect
+from runtime import JsonlLogger, peak_memory_mb, resolve_device
+from stages import semantic_ids, sft_evaluation, sft_stage
+
+
+def run(cfg: Config, log=print) -> dict:
+    """One run: the pipeline for cfg.train.method; returns the metrics dict that metrics.json holds."""
+    cfg = finalize(cfg)
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    timing, t_start = {}, time.time()
+
+    t0 = time.time()
+    ds = data_mod.load_dataset(cfg.data, verbose=True)
+    splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
+    timing["data_s"] = time.time() - t0
+    log(f"split: {len(splits['train']):,} train / {len(splits['valid']):,} valid / {len(splits['test']):,} test samples")
+
+    cf_emb = None
+    if t.backbone == "letter":  # LETTER aligns the IDs with the CM's item embeddings: CM first
+        cm, _ = collab.load_or_train(ds, splits, cfg.cm, Path(t.out) / ds.name, device, log)
+        cf_emb = cm.item_emb.weight[: len(ds.titles)].detach().cpu()
+    t0 = time.time()
+    trie, tok_report, ids_key = semantic_ids(ds, cfg, log, cf_emb)
+    timing["semantic_ids_s"] = time.time() - t0
+
+    t0 = time.time()
+    model, sft_info, stage = sft_stage(ds, splits, trie, ids_key, cfg, device, log)
+    timing["sft_s"] = time.time() - t0
+
+    sft_ev = sft_evaluation(model, splits, stage, cfg, device, log)
+    pop = mostpop_metrics(ds, splits, t.topk)
+
+    out_dir = run_dir(cfg)
+    result = {"sft": sft_info, "sft_eval": sft_ev, "mostpop": pop, "tokenizer": tok_report, "stage": str(stage)}
+    rows = {"SFT": sft_ev, "MostPop": pop}
+    if t.method == "sft":
+        result.update(test=sft_ev["test"], valid=sft_ev["valid"])
+        ckpt_src, inspect = stage / "checkpoint.pt", None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(stage / "metrics.jsonl", out_dir / "metrics.jsonl.tmp")
+        os.replace(out_dir / "metrics.jsonl.tmp", out_dir / "metrics.jsonl")
+    else:
+        t0 = time.time()
+        cm, cm_info = collab.load_or_train(ds, splits, cfg.cm, Path(t.out) / ds.name, device, log)
+        cm.to(device).eval()
+        timing["cm_s"] = time.time() - t0
+        sft_model = copy.deepcopy(model).eval()
+        tensors = {name: to_tensors(splits[name], device) for name in ("train", "valid", "test")}
+        resume_path = out_dir / "resume.pt"
+        resume = cache.load_resume(resume_path, run_identity(cfg), t.method, log)
+        logger = JsonlLogger(out_dir / "metrics.jsonl", resume["log_bytes"] if resume else None)
+        t0 = time.time()
+        log(f"[stage] {t.method}: {cfg.ft.ft_epochs} epochs from the SFT checkpoint")
+        heads, sampler, ft_info = finetune(model, cm, tensors["train"], tensors["valid"], cfg, t.method, logger, log,
+                                           resume_path, resume, identity=run_identity(cfg))
+        logger.close()
+        timing["finetune_s"] = time.time() - t0
+        t0 = time.time()
+        ev = {name: evaluate(model, tensors[name], t, desc=name) for name in ("valid", "test")}
+        timing["eval_s"] = time.time() - t0
+        result.update(test=ev["test"], valid=ev["valid"], finetune=ft_info, cm={k: cm_info[k] for k in ("valid", "test")})
+        rows = {t.method.upper(): ev, **rows, "CM (SASRec)": cm_info}
+        inspect = build_inspect(sft_model, model, heads, cm, sampler, tensors["test"], cfg, t.method, ds)
+        ckpt_src = None
+    timing["total_s"] = time.time() - t_start
+    result.update(timing=timing, peak_memory_mb=peak_memory_mb())
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache.atomic_write_json(asdict(cfg), out_dir / "config.json")
+    if ckpt_src is not None:
+        shutil.copyfile(ckpt_src, out_dir / "checkpoint.pt.tmp")
+        os.replace(out_dir / "checkpoint.pt.tmp", out_dir / "checkpoint.pt")
+    else:
+        cache.save({"model": model.state_dict(), "model_args": model.model_args(), "heads": heads.state_dict(),
+                    "heads_args": {"d_model": cfg.model.d_model, "log_z": cfg.ft.log_z}, "step": ft_info["step"],
+                    "config": asdict(cfg)}, out_dir / "checkpoint.pt")
+    if inspect is not None:
+        cache.atomic_write_json(inspect, out_dir / "inspect.json")
+    cache.atomic_write_json(result, out_dir / "metrics.json")
+    cache.remove(out_dir / "resume.pt")  # finished: nothing to resume
+
+    log("\n" + format_table([(split, name, m[split]) for split in ("test", "valid") for name, m in rows.items()]))
+    log(f"\nrun folder: {out_dir}   total {timing['total_s']:.0f}s")
+    return result
+
+
+def run_or_reuse(cfg: Config, log=print) -> dict:
+    """run(cfg), unless that run finished earlier with the same config: then its metrics.json."""
+    cfg = finalize(cfg)
+    if finished(cfg):
+        log(f"[done] {run_dir(cfg)} (finished earlier, reused)")
+        return json.loads((run_dir(cfg) / "metrics.json").read_text())
+    return run(cfg, log)
+
+
+def run_table(cfg: Config, log=print) -> dict:
+    """--method all and/or --seeds: run every (method, seed), skipping finished runs, then write
+    results/<dataset>_<backbone>.md and .json (mean +- std, best baseline, one-sided t-tests).
+
+    A run counts as finished when its metrics.json exists and its config.json equals this
+    run's configuration; an interrupted table restarts at the first unfinished run.
+    """
+    t = cfg.train
+    methods = TABLE_METHODS if t.method == "all" else (t.method,)
+    for seed in t.seeds:
+        for method in methods:
+            c = copy.deepcopy(cfg)
+            c.train.method, c.train.seed, c.train.seeds = method, seed, []
+            log(f"\n=== {method}, seed {seed} ===")
+            run_or_reuse(c, log)
+    names = [*methods, "cm", "mostpop"] if t.method == "all" else list(methods)
+    got = results.collect(t.out, cfg.data.dataset, t.backbone, names, t.seeds)
+    values = got["values"]
+    summary = results.summarise(values, baselines=[m for m in TABLE_BASELINES if m in values],
+                                gflowgr=[m for m in TABLE_GFLOWGR if m in values],
+                                reference=[m for m in values if m not in (*TABLE_BASELINES, *TABLE_GFLOWGR)])
+    summary["missing"] = got["missing"]
+    out = Path("results") if t.out == "runs" else Path(t.out) / "results"
+    md, js = results.write(summary, out, cfg.data.dataset, t.backbone)
+    log("\n" + md.read_text() + f"\nwritten: {md}, {js}")
+    return summary

@@ -1,0 +1,124 @@
+"""Fine-tuning (finetune.py): every method runs from the cached SFT; GFlowGR's logged balance, rewards, warm-up, VarGrad."""
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import data as data_mod
+import finetune
+from config import parse_config
+from finetune import trajectory_rewards
+from pipeline import run
+
+KEYS = {"hr@5", "hr@10", "ndcg@5", "ndcg@10"}
+
+
+def finetune_config(toy_run, method, **ft):
+    cfg, _, _ = toy_run
+    c = copy.deepcopy(cfg)
+    c.train.method = method
+    c.cm.epochs, c.cm.patience = 3, 3
+    c.ft.ft_epochs, c.ft.head_warmup, c.ft.inspect_users = 1, 5, 5
+    for k, v in ft.items():
+        setattr(c.ft, k, v)
+    return c
+
+
+def run_from_cached_sft(toy_run, method):
+    """A short fine-tuning run of `method` from the session's SFT: (cfg, metrics, run folder, its metrics.json)."""
+    cfg = finetune_config(toy_run, method)
+    lines = []
+    metrics = run(cfg, log=lines.append)
+    assert "[cache] SFT checkpoint" in "\n".join(lines)
+    d = Path(cfg.train.out) / f"toy__{method}__seed{cfg.train.seed}"
+    saved = json.loads((d / "metrics.json").read_text())
+    assert saved["test"] == metrics["test"] and 0 <= saved["test"]["hr@10"] <= 1
+    assert saved["sft_eval"]["test"] == toy_run[1]["test"]  # the SFT reference row is the cached SFT
+    return cfg, metrics, d, saved
+
+
+@pytest.mark.parametrize("method", ["gflowgr-tb", "gflowgr-db", "sft-continued"])
+def test_finetuning_methods_run_from_the_cached_sft(toy_run, method):
+    cfg, metrics, d, saved = run_from_cached_sft(toy_run, method)
+    assert set(saved["test"]) == KEYS
+    ckpt = torch.load(d / "checkpoint.pt")
+    assert {"model", "model_args", "heads", "step", "config"} <= set(ckpt)
+    # sft-continued gets exactly the fine-tuning budget of the GFlowGR methods
+    n_batches = math.ceil(len(data_mod.split_leave_one_out(data_mod.load_dataset(cfg.data, verbose=False))["train"]) / cfg.train.batch_size)
+    assert metrics["finetune"]["step"] == n_batches
+    curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*curves)
+    if method != "sft-continued":
+        assert {"loss/gr", "loss/gfn", "gfn/log_z", "gfn/log_r_obs", "gfn/log_r_aug", "weight/mean", "sampler/cm_score",
+                "gfn/residual_obs", "gfn/residual_aug", "grad/gr", "grad/gfn", "grad/total", "charts/clipped"} <= keys
+        for r in (r for r in curves if "grad/total" in r):
+            assert r["charts/clipped"] == float(r["grad/total"] > 1.0)
+            assert r["gfn/residual_obs"] >= 0 and r["gfn/residual_aug"] >= 0
+            # the two terms' gradients add up to the total (triangle inequality, both ways)
+            assert abs(r["grad/gr"] - r["grad/gfn"]) - 1e-3 <= r["grad/total"] <= r["grad/gr"] + r["grad/gfn"] + 1e-3
+        ins = json.loads((d / "inspect.json").read_text())
+        user = ins["users"][0]
+        assert len(user["trajectories"]) == 1 + cfg.sampler.K
+        obs = user["trajectories"][0]
+        assert obs["observed"] and obs["item"] == user["target"] and obs["r_sim"] == cfg.tok.levels and obs["r_a"] == 1
+        assert len(obs["p_f"]) == 4 and all(0 < p <= 1 for p in obs["p_f"])
+        assert all(1.0 <= tr["weight"] <= 1 / 0.3**2 + 1e-3 for tr in user["trajectories"])
+        assert len(user["sft"]["items"]) == 10 and len(user["finetuned"]["items"]) == 10
+
+
+def test_rsim_ignores_the_dedup_token_unless_asked():
+    from types import SimpleNamespace
+
+    # item 0 observed; item 1 shares only the dedup token 0; item 2 shares t_1 and the dedup token
+    model = SimpleNamespace(item_codes=torch.tensor([[3, 4, 5, 0], [7, 8, 9, 0], [3, 1, 2, 0]]))
+    items, r_c = torch.tensor([[0, 1, 2]]), torch.tensor([[0.5, 0.2, 0.1]])
+    cfg = parse_config(["--dataset", "toy", "--levels", "3"])
+    rew, log_r = trajectory_rewards(model, items, r_c, cfg)
+    assert rew["r_sim"].tolist() == [[3.0, 0.0, 1.0]]
+    assert rew["R"][0].tolist() == pytest.approx([1 + 0.5 + 3, 0.2, 1.1])
+    cfg = parse_config(["--dataset", "toy", "--levels", "3", "--rsim-dedup", "--reward-beta", "2"])
+    rew, log_r = trajectory_rewards(model, items, r_c, cfg)
+    assert rew["r_sim"].tolist() == [[4.0, 1.0, 2.0]]
+    assert log_r[0].tolist() == pytest.approx([2 * math.log(5.5), 2 * math.log(1.2), 2 * math.log(2.1)])
+
+
+def test_warm_up_only_epochs_never_count_as_the_best_fine_tuned_model(toy_run):
+    # 4 epochs, warm-up longer than 3 of them: only the last epoch trained the backbone
+    cfg = finetune_config(toy_run, "gflowgr-tb", ft_epochs=4, head_warmup=10_000)
+    with pytest.raises(data_mod.DataError, match="--head-warmup"):
+        run(cfg, log=lambda *a: None)
+    n_batches = math.ceil(len(data_mod.split_leave_one_out(data_mod.load_dataset(cfg.data, verbose=False))["train"]) / cfg.train.batch_size)
+    cfg = finetune_config(toy_run, "gflowgr-tb", ft_epochs=2, head_warmup=n_batches + 1)
+    metrics = run(cfg, log=lambda *a: None)
+    assert metrics["finetune"]["best_epoch"] == 2
+
+
+def test_grad_norms_measure_each_term_without_touching_the_step():
+    """grad/gr and grad/gfn are the norms of each term's own gradient, and measuring them leaves .grad alone."""
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    l_gr, l_gfn = (w ** 2).sum() / 2, 2 * w.sum()  # gradients w = (3, 4) and (2, 2)
+    got = finetune.grad_norms({"gr": l_gr, "gfn": l_gfn}, [w])
+    assert got["grad/gr"] == pytest.approx(5.0) and got["grad/gfn"] == pytest.approx(8 ** 0.5)
+    assert w.grad is None
+    (l_gr + l_gfn).backward()  # the graph was kept: the real step still works
+    assert w.grad.tolist() == [5.0, 6.0]
+
+
+def test_vargrad_run_is_balanced_in_the_mean_and_trains_no_log_z(toy_run):
+    """--log-z vargrad: each batch's log Z is its own weighted mean, so the residuals of a batch
+    are centred by construction; no warm-up is spent on a head (the backbone trains from step 1)."""
+    cfg = finetune_config(toy_run, "gflowgr-tb")
+    cfg.ft.log_z, cfg.train.tag = "vargrad", "vargrad"
+    metrics = run(cfg, log=lambda s: None)
+    d = Path(cfg.train.out) / f"toy__gflowgr-tb+vargrad__seed{cfg.train.seed}"
+    curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in curves if "grad/gr" in r)
+    assert first["step"] == 1 and first["grad/gr"] > 0  # the backbone gets L_GR's gradient at once
+    assert metrics["finetune"]["step"] >= 1 and 0 <= metrics["test"]["hr@10"] <= 1
+    user = json.loads((d / "inspect.json").read_text())["users"][0]
+    x = [tr["log_r"] - tr["log_pf_sum"] for tr in user["trajectories"]]
+    w = [tr["weight"] for tr in user["trajectories"]]
+    assert user["log_z"] == pytest.approx(sum(a * b for a, b in zip(w, x)) / sum(w), abs=1e-3)

@@ -1,0 +1,91 @@
+"""One run end to end on `toy` (pipeline.py): artefacts, caching, the reused SFT, the seeds table, LETTER."""
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data as data_mod
+from batches import to_tensors
+from conftest import tiny_config
+from config import finalize
+from evaluation import evaluate
+from gflowgr import GRModel
+from pipeline import run, run_table
+
+KEYS = {"hr@5", "hr@10", "ndcg@5", "ndcg@10"}
+
+
+def run_dir(cfg):
+    return Path(cfg.train.out) / f"toy__sft__seed{cfg.train.seed}"
+
+
+def test_run_writes_all_artefacts(toy_run):
+    cfg, metrics, _ = toy_run
+    d = run_dir(cfg)
+    saved = json.loads((d / "metrics.json").read_text())
+    assert set(saved["test"]) == KEYS and set(saved["valid"]) == KEYS
+    assert saved["test"] == metrics["test"]
+    assert json.loads((d / "config.json").read_text())["data"]["dataset"] == "toy"
+    curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/gr" in row for row in curves) and any("eval/valid_ndcg@10" in row for row in curves)
+    ckpt = torch.load(d / "checkpoint.pt")
+    assert {"model", "model_args", "step", "config"} <= set(ckpt)
+    assert ckpt["step"] > 0
+
+
+def test_sft_beats_mostpop_on_toy(toy_run):
+    _, metrics, _ = toy_run
+    assert metrics["test"]["hr@10"] > metrics["mostpop"]["test"]["hr@10"] + 0.1
+    assert metrics["valid"]["ndcg@10"] > metrics["mostpop"]["valid"]["ndcg@10"]
+
+
+def test_checkpoint_rebuilds_the_model_and_reproduces_test_metrics(toy_run):
+    cfg, metrics, _ = toy_run
+    ckpt = torch.load(run_dir(cfg) / "checkpoint.pt")
+    model = GRModel.from_state(ckpt["model_args"], ckpt["model"])
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    test = to_tensors(data_mod.split_leave_one_out(ds)["test"], "cpu")
+    assert evaluate(model, test, cfg.train) == pytest.approx(metrics["test"])
+
+
+def test_second_run_uses_the_cache(toy_run):
+    cfg, metrics, _ = toy_run
+    lines = []
+    again = run(cfg, log=lines.append)
+    text = "\n".join(lines)
+    assert "[cache] SFT checkpoint" in text and "[cache] semantic IDs" in text and "[cache] item embeddings" in text
+    assert again["test"] == metrics["test"]
+
+
+def test_seeds_table_runs_each_seed_once_and_writes_the_results(toy_run, tmp_path):
+    cfg = copy.deepcopy(toy_run[0])
+    cfg.train.out = str(tmp_path)
+    cfg.train.epochs = 2
+    cfg.train.seeds = [42, 43]
+    lines = []
+    summary = run_table(cfg, log=lines.append)
+    sft = summary["rows"]["sft"]["hr@10"]
+    assert sft["n"] == 2 and len(sft["values"]) == 2
+    assert sft["mean"] == pytest.approx(np.mean(sft["values"])) and sft["std"] == pytest.approx(np.std(sft["values"], ddof=1))
+    md = (tmp_path / "results" / "toy_tiger.md").read_text()
+    assert "| **" in md and "SFT" in md and json.loads((tmp_path / "results" / "toy_tiger.json").read_text())
+    # a second call finds both runs finished and trains nothing
+    lines2 = []
+    run_table(cfg, log=lines2.append)
+    assert sum("[done]" in line for line in lines2) == 2 and not any("[stage]" in line for line in lines2)
+
+
+def test_letter_backbone_trains_the_cm_first_and_keeps_its_own_runs(tmp_path):
+    cfg = tiny_config(tmp_path, backbone="letter")
+    cfg.train.epochs, cfg.tok.rq_epochs, cfg.cm.epochs = 2, 20, 2
+    cfg = finalize(cfg)
+    lines = []
+    metrics = run(cfg, log=lines.append)
+    text = "\n".join(lines)
+    assert text.index("collaborative model") < text.index("semantic IDs (letter)")
+    assert metrics["tokenizer"]["collision_rate"] >= 0 and "letter_cf_cos" in metrics["tokenizer"]
+    assert (tmp_path / "toy__letter__sft__seed42" / "metrics.json").exists()
+    assert not (tmp_path / "toy__sft__seed42").exists()
