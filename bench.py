@@ -97,11 +97,15 @@ def main() -> None:
     p.add_argument("--ref-steps", type=int, default=5, help="timed steps of the (slow) token-level reference")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--eval-users", type=int, default=4096)
-    p.add_argument("--app-users", type=int, default=20, help="users timed through app.user_view")
+    p.add_argument("--app-users", type=int, default=20, help="users timed through app.user_view (0: the app is not timed)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.add_argument("--rqvae", type=int, default=0, help="only time the RQ-VAE, this many runs without and with resume states")
     a = p.parse_args()
+    for name, least in (("steps", 1), ("ref_steps", 1), ("batch_size", 1), ("eval_users", 1), ("app_users", 0),
+                        ("threads", 0), ("rqvae", 0)):
+        if getattr(a, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least} (got {getattr(a, name)})")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -175,13 +179,23 @@ def main() -> None:
     res["all_test_users_s_est"] = len(te.target) / res["beam_users_per_s"]
     print(f"beam search: {res['beam_users_per_s']:.0f} users/s; all {len(te.target):,} test users ~ {res['all_test_users_s_est']:.0f} s")
 
-    # app.py, models already in memory (st.cache_resource): one user switch, one disagreement scan
+    if a.app_users == 0:  # --app-users 0: the app is not timed
+        print("app: not timed (--app-users 0)")
+    else:
+        bench_app(a, ds, te, model, res)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+def bench_app(a, ds, te, model, res: dict) -> None:
+    """app.py with the models already in memory (st.cache_resource): one user switch, one disagreement scan."""
     import copy
 
     import app
     import collab
     from gflowgr import GFlowNetHeads
-    from train import Config
+    from config import Config
 
     cfg = Config()
     cfg.data.dataset = a.dataset
@@ -202,9 +216,6 @@ def main() -> None:
     res["app_interesting_scan_s"] = time.perf_counter() - t0
     print(f"app: user switch {res['app_user_switch_s']['median']:.2f} s median, {res['app_user_switch_s']['max']:.2f} s max "
           f"({a.app_users} users); first random-user scan {res['app_interesting_scan_s']:.1f} s")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ taste clusters (so semantic IDs mean something), a sequential structure (so a se
 model beats popularity) and exposure bias (observed items are the popular part of a larger
 hidden set of true preferences, the situation GFlowGR's augmented items address).
 
+One concept at ~680 lines: every data set the paper uses reaches the rest of the code as the
+same `Dataset` and `Split`; the three loaders and the toy generator share that contract and
+its checks, so they live together.
+
 Usage:  ds = load_dataset(DataConfig(dataset="beauty")); splits = split_leave_one_out(ds)
 """
 

@@ -75,12 +75,17 @@ def semantic_ids(ds, cfg: Config, log=print, cf_emb: torch.Tensor | None = None)
     return trie, report, ids_key
 
 
+def sft_key(ds, ids_key: str, cfg: Config) -> str:
+    """The SFT stage's key: the IDs, the data, the backbone's config and the TrainConfig fields
+    that change the SFT model (not the method, seeds, device, threads, study, tag, ...)."""
+    return cache.stage_key(ids_key, cache.fingerprint(ds.sequences), asdict(cfg.model),
+                           {k: v for k, v in asdict(cfg.train).items() if k not in NOT_SFT_SETTINGS})
+
+
 def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) -> tuple[GRModel, dict, Path]:
     """Train (or load the cached) SFT backbone. Returns the model, its info and the stage folder."""
     t = cfg.train
-    key = cache.stage_key(ids_key, cache.fingerprint(ds.sequences), asdict(cfg.model),
-                    {k: v for k, v in asdict(t).items() if k not in NOT_SFT_SETTINGS})
-    stage = Path(t.out) / ds.name / f"sft-{key}"
+    stage = Path(t.out) / ds.name / f"sft-{sft_key(ds, ids_key, cfg)}"
     ckpt_path = stage / "checkpoint.pt"
     ckpt = cache.load(ckpt_path, "SFT checkpoint", log, map_location=device)
     if ckpt is not None:

@@ -6,7 +6,8 @@ from config import Config, TrainConfig, apply_preset
 
 
 def tiny_config(out, **train_overrides) -> Config:
-    """The toy preset with a budget small enough for the test suite (a few seconds)."""
+    """The toy preset with a budget small enough for the test suite (a few seconds); method sft unless given."""
+    train_overrides.setdefault("method", "sft")
     cfg = Config(data=DataConfig(dataset="toy"), train=TrainConfig(out=str(out), epochs=6, patience=3, **train_overrides))
     return apply_preset(cfg)
 

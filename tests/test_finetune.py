@@ -122,3 +122,43 @@ def test_vargrad_run_is_balanced_in_the_mean_and_trains_no_log_z(toy_run):
     x = [tr["log_r"] - tr["log_pf_sum"] for tr in user["trajectories"]]
     w = [tr["weight"] for tr in user["trajectories"]]
     assert user["log_z"] == pytest.approx(sum(a * b for a, b in zip(w, x)) / sum(w), abs=1e-3)
+
+
+def test_the_readme_example_adds_a_method_with_one_loss_one_class_and_one_table_entry(tmp_path):
+    """README, "Adding a method", followed literally on a copy of the code: the new method trains on toy."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Adding a method"):]
+    section = section[: section.index("\n## ", 5)]
+    loss_code, class_code = (textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", section, re.S))
+    entry = re.search(r"add the entry `(.*?)`", section).group(1)
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in root.glob("*.py"):
+        shutil.copy(f, src / f.name)
+    # step 1: the loss
+    (src / "losses.py").write_text((src / "losses.py").read_text() + "\n\n" + loss_code)
+    # step 2: its import, and the class after SFTContinued
+    ft = (src / "finetune.py").read_text()
+    ft = ft.replace("\nfrom losses import ", "\nfrom losses import simpo_loss, ", 1)
+    ft = ft.replace("\nclass GFlowGR(Method):", "\n" + class_code + "\n\nclass GFlowGR(Method):", 1)
+    # step 3: the table entry
+    ft = ft.replace('    "sft-continued": SFTContinued,\n', f'    "sft-continued": SFTContinued,\n    {entry}\n', 1)
+    (src / "finetune.py").write_text(ft)
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "train.py", "--dataset", "toy", "--method", "simpo", "--toy-users", "150",
+                           "--epochs", "2", "--patience", "2", "--cm-epochs", "2", "--cm-patience", "2", "--ft-epochs", "1",
+                           "--rq-epochs", "30", "--threads", "1", "--out", str(out)],
+                          cwd=src, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"test\s+SIMPO\s+0\.\d{4}", proc.stdout)
+    run_dir = out / "toy__simpo__seed42"
+    assert set(json.loads((run_dir / "metrics.json").read_text())["test"]) == KEYS
+    losses = [r["loss/simpo"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss/simpo" in r]
+    assert losses and all(v > 0 for v in losses)  # -log sigmoid(.) > 0

@@ -51,15 +51,6 @@ def test_checkpoint_rebuilds_the_model_and_reproduces_test_metrics(toy_run):
     assert evaluate(model, test, cfg.train) == pytest.approx(metrics["test"])
 
 
-def test_second_run_uses_the_cache(toy_run):
-    cfg, metrics, _ = toy_run
-    lines = []
-    again = run(cfg, log=lines.append)
-    text = "\n".join(lines)
-    assert "[cache] SFT checkpoint" in text and "[cache] semantic IDs" in text and "[cache] item embeddings" in text
-    assert again["test"] == metrics["test"]
-
-
 def test_seeds_table_runs_each_seed_once_and_writes_the_results(toy_run, tmp_path):
     cfg = copy.deepcopy(toy_run[0])
     cfg.train.out = str(tmp_path)

@@ -160,18 +160,6 @@ def test_damaged_cache_files_are_reported_and_redone(tmp_path):
     assert " is damaged:" not in "\n".join(map(str, lines))
 
 
-def test_cache_accepts_old_files_without_checksum(tmp_path):
-    import torch
-
-    import cache
-
-    path = tmp_path / "x.pt"
-    torch.save({"a": 1}, path)  # written before checksums were recorded
-    assert cache.load(path, "old file") == {"a": 1}
-    assert (tmp_path / "x.pt.sha256").exists()  # recorded now
-    assert cache.load(tmp_path / "missing.pt", "nothing") is None
-
-
 def test_nan_mid_finetuning_stops_with_step_and_term_and_saves_no_nan(tmp_path, capsys, monkeypatch):
     """The CM starts scoring NaN after the first fine-tuning epoch: the run stops at that step
     naming the term, exit 2, no checkpoint or metrics written; the epoch-1 state is kept, finite."""

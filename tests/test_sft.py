@@ -1,0 +1,45 @@
+"""The SFT loop (sft.py): the warm-up + cosine schedule by hand, the best epoch kept, early stopping."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import data as data_mod
+
+
+def curves(metrics):
+    return [json.loads(line) for line in (Path(metrics["stage"]) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learning_rate_follows_warm_up_then_cosine_to_a_tenth(toy_run):
+    cfg, metrics, _ = toy_run
+    t = cfg.train
+    n_train = len(data_mod.split_leave_one_out(data_mod.load_dataset(cfg.data, verbose=False))["train"])
+    total = t.epochs * math.ceil(n_train / t.batch_size)
+
+    def lr_at(step):  # the schedule written out: linear warm-up, then cosine from the peak to 10% of it
+        if step < t.warmup_steps:
+            return t.lr * (step + 1) / t.warmup_steps
+        return t.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - t.warmup_steps) / (total - t.warmup_steps))))
+
+    logged = [(r["step"], r["charts/lr"]) for r in curves(metrics) if "charts/lr" in r]
+    assert len(logged) >= 2  # every 50 steps
+    for step, lr in logged:
+        assert lr == pytest.approx(lr_at(step), rel=1e-6), step
+    assert max(lr for _, lr in logged) <= t.lr * (1 + 1e-9) and min(lr for _, lr in logged) >= 0.1 * t.lr * (1 - 1e-9)
+
+
+def test_the_kept_model_is_the_epoch_with_the_best_valid_ndcg(toy_run):
+    cfg, metrics, _ = toy_run
+    evals = [r for r in curves(metrics) if "eval/valid_ndcg@10" in r]
+    assert [r["epoch"] for r in evals] == list(range(1, metrics["sft"]["epochs_run"] + 1))
+    scores = [r["eval/valid_ndcg@10"] for r in evals]
+    best = metrics["sft"]["best_epoch"]
+    assert scores[best - 1] == max(scores) and scores.index(max(scores)) == best - 1  # the first best
+    if metrics["sft"]["epochs_run"] < cfg.train.epochs:  # stopped early: `patience` epochs without a better one
+        assert metrics["sft"]["epochs_run"] - best == cfg.train.patience
+    # the checkpoint is that epoch's model: its step is the best epoch's last step
+    ckpt = torch.load(Path(metrics["stage"]) / "checkpoint.pt")
+    assert ckpt["step"] == metrics["sft"]["step"] == next(r["step"] for r in evals if r["epoch"] == best)
