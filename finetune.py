@@ -368,6 +368,11 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str,
         eval_idx = torch.randperm(len(valid_t["target"]), generator=torch.Generator().manual_seed(t.seed))[: t.eval_users]
     best = {"ndcg@10": -1.0}
     step, t_train, n_seen, start = 0, 0.0, 0, 0
+    if resume is not None and len(resume["opt"]["param_groups"]) != len(opt.param_groups):
+        # written before finetune.py, when SFT-continued's optimiser also held the idle log Z / log F heads
+        log(f"[resume] {resume_path} was written by an older version with another optimiser layout: {method} starts afresh")
+        resume = None
+        logger.restart()
     if resume is not None:
         model.load_state_dict(resume["model"])
         heads.load_state_dict(resume["heads"])

@@ -56,6 +56,11 @@ class JsonlLogger:
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
 
+    def restart(self) -> None:
+        """Empty the file: the run starts afresh after all (its resume state was refused)."""
+        self.f.seek(0)
+        self.f.truncate(0)
+
     def tell(self) -> int:
         return self.f.tell()
 

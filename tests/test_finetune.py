@@ -162,3 +162,22 @@ def test_the_readme_example_adds_a_method_with_one_loss_one_class_and_one_table_
     assert set(json.loads((run_dir / "metrics.json").read_text())["test"]) == KEYS
     losses = [r["loss/simpo"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss/simpo" in r]
     assert losses and all(v > 0 for v in losses)  # -log sigmoid(.) > 0
+
+
+def test_a_resume_state_with_the_old_optimiser_layout_is_refused_with_a_message(toy_run):
+    """Before finetune.py, SFT-continued's optimiser also held the (idle) GFlowNet heads: such a
+    resume state cannot be loaded into today's optimiser, so the run says so and starts afresh."""
+    import cache
+    from config import finalize, run_dir, run_identity
+
+    cfg = finalize(finetune_config(toy_run, "sft-continued"))
+    cfg.train.tag = "old-resume"
+    d = run_dir(cfg)
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text('{"step": 99}\n')
+    cache.save({"opt": {"state": {}, "param_groups": [{}, {}]}, "log_bytes": 13, "identity": run_identity(cfg)}, d / "resume.pt")
+    lines = []
+    metrics = run(cfg, log=lines.append)
+    assert any("older version with another optimiser layout: sft-continued starts afresh" in line for line in lines)
+    curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert curves[0]["step"] == 1 and metrics["finetune"]["step"] > 0 and not (d / "resume.pt").exists()
