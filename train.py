@@ -1,4 +1,4 @@
-"""The command line: parse the flags, run the stages, print the table.
+"""The command line (paper Sec. 4, the experiments): parse the flags, run the stages, print the table.
 
     python train.py --dataset beauty                    SFT -> CM -> GFlowGR-TB, one table (pipeline.run)
     python train.py --dataset beauty --method sft       one run of any method (config.METHODS)
