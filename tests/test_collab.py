@@ -213,3 +213,73 @@ def test_cache_key_follows_the_loss_but_not_the_r_c_mapping(toy):
     base = CollabConfig(max_len=16)
     assert collab.cm_key(ds, base) == collab.cm_key(ds, CollabConfig(max_len=16, score="rank"))
     assert collab.cm_key(ds, base) != collab.cm_key(ds, CollabConfig(max_len=16, loss="bce"))
+
+
+def test_seen_mask_and_prefix_items_examples():
+    assert collab.seen_mask(torch.tensor([[2, 0, -1]]), 4).tolist() == [[True, False, True, False]]
+    seq = torch.tensor([[-1, 4, 5]])
+    assert collab.prefix_items(seq, seq >= 0).tolist() == [[-1, 4, -1], [-1, 4, 5]]
+
+
+def test_filter_seen_ce_and_sampled_losses_leave_the_history_out_of_the_softmax():
+    """Position t's softmax runs over the catalogue minus s_1..s_t, worked by hand."""
+    torch.manual_seed(0)
+    model = SASRec(6, CollabConfig(d=4, max_len=3))
+    seq = torch.tensor([[-1, 1, 2]])
+    p = torch.tensor([[-1, 2, 5]])
+    real = p >= 0
+    h = torch.randn(1, 3, 4)
+    logits = h[real] @ model.item_emb.weight[:6].T  # (2, 6)
+    keep = [[0, 2, 3, 4, 5], [0, 3, 4, 5]]  # position 1 has seen item 1; position 2 items 1 and 2
+    want = -(logits[0, keep[0]].log_softmax(0)[1] + logits[1, keep[1]].log_softmax(0)[3]) / 2
+    cfg = CollabConfig(loss="ce", filter_seen=True)
+    assert collab.cm_loss(model, h, p, real, cfg, seq=seq).item() == pytest.approx(want.item(), rel=1e-5)
+    assert collab.cm_loss(model, h, p, real, CollabConfig(loss="ce"), seq=seq).item() != pytest.approx(want.item(), rel=1e-3)
+    negs = torch.randint(0, 6, (8,), generator=torch.Generator().manual_seed(3))
+    got = collab.cm_loss(model, h, p, real, CollabConfig(loss="sampled", negatives=8, filter_seen=True),
+                         gen=torch.Generator().manual_seed(3), seq=seq)
+    rows = []
+    for i, (o, seen) in enumerate([(2, {1}), (5, {1, 2})]):
+        cand = [logits[i, o]] + [logits[i, j] for j in negs.tolist() if j != o and j not in seen]
+        rows.append(-torch.stack(cand).log_softmax(0)[0])
+    assert got.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
+
+
+def test_filter_seen_ranks_history_items_last_and_gives_them_r_c_zero():
+    torch.manual_seed(0)
+    model = SASRec(30, CollabConfig(max_len=8, filter_seen=True)).eval()
+    hist, hist_len = torch.tensor([[3, 7, 1, -1]]), torch.tensor([3])
+    full = model.full_scores(hist, hist_len)[0]
+    assert torch.isinf(full[[3, 7, 1]]).all() and torch.isfinite(full[[0, 2, 29]]).all()
+    items = torch.tensor([[7, 0, 3]])
+    for mapping in collab.CM_SCORES:
+        model.cfg.score = mapping
+        r = model.score(hist, hist_len, items)[0]
+        assert r[0].item() == 0.0 and r[2].item() == 0.0 and r[1].item() > 0.0, mapping
+    unfiltered = SASRec(30, CollabConfig(max_len=8)).eval()
+    unfiltered.load_state_dict(model.state_dict())
+    torch.testing.assert_close(unfiltered.full_scores(hist, hist_len)[0, [0, 2, 29]], full[[0, 2, 29]])
+
+
+def test_evaluation_filter_helps_only_when_the_history_is_ranked_high(toy, trained):
+    """A history item is never a target here, so removing them can only move targets up."""
+    ds, splits = toy
+    model, _ = trained
+    plain = evaluate_full_ranking(model, splits["test"], filter_seen=False)
+    filt = evaluate_full_ranking(model, splits["test"], filter_seen=True)
+    assert model.cfg.filter_seen is False  # the override is undone
+    assert plain == evaluate_full_ranking(model, splits["test"])
+    assert filt["hr@10"] >= plain["hr@10"] and filt != plain
+
+
+def test_cache_key_unchanged_without_filter_seen(toy):
+    """A CM cached before --cm-filter-seen existed keeps its key; turning the filter on changes it."""
+    import hashlib, json
+    from dataclasses import asdict
+    ds, _ = toy
+    cfg = CollabConfig(max_len=16)
+    old = {k: v for k, v in asdict(cfg).items() if k not in ("score", "filter_seen")}
+    seqs = hashlib.sha256(json.dumps(ds.sequences).encode()).hexdigest()[:16]
+    want = hashlib.sha256(json.dumps([ds.name, ds.n_items, old, seqs], sort_keys=True).encode()).hexdigest()[:10]
+    assert collab.cm_key(ds, cfg) == want
+    assert collab.cm_key(ds, CollabConfig(max_len=16, filter_seen=True)) != want
