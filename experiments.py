@@ -486,6 +486,9 @@ def fusion_pool(model: GRModel, cm, t: dict, cfg: Config) -> tuple[torch.Tensor,
         hl = t["hist_len"][chunk]
         logits[chunk] = cm.logits(trim(t["hist"][chunk], hl), hl, items[chunk].clamp_min(0).to(hl.device)).cpu()
     pad = items < 0  # fewer real items than the pool (tiny catalogues)
+    # Under --cm-filter-seen a history item's logit is -inf; a large finite one ranks it last for
+    # every alpha > 0 and keeps alpha = 0 the SFT model itself (0 * -inf would be NaN).
+    logits = logits.clamp_min(-1e4)
     return items, log_p.masked_fill(pad, float("-inf")), logits.masked_fill(pad, 0.0)
 
 

@@ -184,3 +184,15 @@ def test_study_errors(tmp_path, capsys):
     assert cli(["--dataset", "toy", "--study", "ablation", "--method", "dpo", "--out", str(tmp_path)]) == 2
     assert "--method gflowgr-tb" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing half written
+
+
+def test_fused_topk_hand_example_with_a_history_item_of_a_filtered_cm():
+    """log P_GR + alpha * s_CM, worked by hand; a filtered CM's history item (logit clamped to -1e4
+    by fusion_pool) drops to the end for alpha > 0, and alpha = 0 is the SFT order itself."""
+    import torch
+    items = torch.tensor([[10, 11, 12]])
+    log_p = torch.tensor([[-1.0, -2.0, -1.5]])
+    logits = torch.tensor([[0.0, 5.0, -1e4]])
+    assert experiments.fused_topk(items, log_p, logits, 0.0, 3).tolist() == [[10, 12, 11]]
+    assert experiments.fused_topk(items, log_p, logits, 1.0, 3).tolist() == [[11, 10, 12]]  # 3 > -1 > -10001.5
+    assert experiments.fused_topk(items, log_p, logits, 0.1, 2).tolist() == [[10, 11]]  # -1 > -1.5 > ... -1001.5
