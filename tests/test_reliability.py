@@ -100,7 +100,9 @@ def test_killed_in_every_stage_resumes_to_the_same_numbers(whole_run, uninterrup
     assert rows == curve(whole_run / RUN)
 
 
-VARGRAD = ["--log-z", "vargrad", "--candidates", "cm", "--cm-score", "softmax"]
+# the Beauty preset's GFlowGR: closed-form log Z, the CM's top-N, target P_SFT * P_CM^0.5, history-filtered CM
+VARGRAD = ["--log-z", "vargrad", "--candidates", "cm", "--cm-score", "softmax", "--reward", "rc", "--reward-beta", "0.5",
+           "--sft-prior", "--cm-filter-seen"]
 
 
 @pytest.mark.parametrize("method, sig, extra", [("dpo", signal.SIGINT, []), ("ppo", signal.SIGKILL, []),
@@ -108,12 +110,13 @@ VARGRAD = ["--log-z", "vargrad", "--candidates", "cm", "--cm-score", "softmax"]
 def test_killed_baseline_resumes_to_the_same_numbers(whole_run, tmp_path, method, sig, extra):
     """The baselines' own state survives an interruption: DPO's rejected items (drawn once per
     run) and PPO's value head, with its optimiser moments and the policy's random draws.
-    DPO is stopped by Ctrl-C (SIGINT), PPO killed (SIGKILL); so is GFlowGR-TB with the closed-form
-    log Z, the CM's own top-N as candidates and the softmax r_c."""
+    DPO is stopped by Ctrl-C (SIGINT), PPO killed (SIGKILL); so is GFlowGR-TB as the Beauty preset
+    runs it (closed-form log Z, the CM's own top-N as candidates, P_SFT * P_CM^0.5, a CM with the
+    history filtered, trained here in both folders)."""
     for name in ("whole", "killed"):  # both start from the same cached IDs, SFT model and CM
         shutil.copytree(whole_run / "toy", tmp_path / name / "toy")
     finish(start(tmp_path / "whole", method, "--ft-epochs", "2", *extra))
-    run = f"toy__{method}__seed42"
+    run = f"toy__{method}{'+reward-rc' if '--reward' in extra else ''}__seed42"  # config.variant names it
     proc = start(tmp_path / "killed", method, "--ft-epochs", "2", *extra)
     out = kill_when(proc, (tmp_path / "killed" / run, "resume.pt"), sig=sig)
     if sig == signal.SIGINT:  # Ctrl-C: one line saying what to do, exit status 130
