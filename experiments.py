@@ -492,6 +492,12 @@ def fusion_pool(model: GRModel, cm, t: dict, cfg: Config) -> tuple[torch.Tensor,
     return items, log_p.masked_fill(pad, float("-inf")), logits.masked_fill(pad, 0.0)
 
 
+def history_in_pool(items: torch.Tensor, t: dict) -> torch.Tensor:
+    """(N, pool) bool: True where the pool's item is in the sample's own history (t["hist"], -1 = padding)."""
+    hist = t["hist"].cpu()  # (N, S)
+    return (items[:, :, None] == hist[:, None, :]).any(-1) & (items >= 0)
+
+
 def fused_topk(items: torch.Tensor, log_p: torch.Tensor, logits: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
     """Top-k of the pool by log P_GR(v | U) + alpha * s_CM(v, U): (N, k)."""
     order = torch.argsort(log_p + alpha * logits, dim=1, descending=True, stable=True)[:, :k]
@@ -540,22 +546,32 @@ def study_fusion(cfg: Config, log=print) -> dict:
         curve = {name: [M.ranking_metrics(fused_topk(*pools[name], a, cfg.train.topk), tensors[name]["target"].cpu())
                         for a in FUSION_WEIGHTS] for name in tensors}
         best = max(range(len(FUSION_WEIGHTS)), key=lambda i: curve["valid"][i]["ndcg@10"])  # chosen on validation
+        # How much of the fusion is only "do not recommend what the user already has": SFT's own
+        # order with its history items moved to the end, and their share of SFT's top-k.
+        seen = {name: history_in_pool(pools[name][0], tensors[name]) for name in tensors}  # (N, pool) each
+        no_history = {name: M.ranking_metrics(fused_topk(pools[name][0], pools[name][1], -1e4 * seen[name].float(), 1.0,
+                                                         cfg.train.topk), tensors[name]["target"].cpu()) for name in tensors}
+        seen_share = {name: float(seen[name][:, : cfg.train.topk].float().mean()) for name in tensors}
         per_seed.append({"seed": seed, "alpha": FUSION_WEIGHTS[best], "fusion": {n: curve[n][best] for n in curve},
+                         "sft_no_history": no_history, "history_share_of_sft_topk": seen_share,
                          "sft": {n: sft_metrics[n] for n in ("valid", "test")}, "cm": {n: cm_info[n] for n in ("valid", "test")},
                          "curve": {n: [m["ndcg@10"] for m in curve[n]] for n in curve},
                          "r_c": r_c_distribution(cm, tensors["valid"], ds.n_items, seed)})
         log(f"fusion, seed {seed}: alpha {FUSION_WEIGHTS[best]} (valid NDCG@10 {curve['valid'][best]['ndcg@10']:.4f}), "
             f"test HR@10 {curve['test'][best]['hr@10']:.4f} against SFT {sft_metrics['test']['hr@10']:.4f}")
     rows = {name: {k: results.seed_stats([p[name]["test"][k] for p in per_seed]) for k in METRICS}
-            for name in ("sft", "cm", "fusion")}
+            for name in ("sft", "sft_no_history", "cm", "fusion")}
     summary = {"study": "fusion", "dataset": cfg.data.dataset, "backbone": cfg.train.backbone, "seeds": seeds,
                "weights": FUSION_WEIGHTS, "pool": FUSION_POOL, "per_seed": per_seed, "rows": rows}
     lines = [f"# Fusion ceiling: SFT's beam top-{FUSION_POOL} re-ranked by log P_GR + alpha * CM logit, "
              f"{cfg.data.dataset} ({cfg.train.backbone.upper()}), test split, seeds {', '.join(map(str, seeds))}", "",
              "| model | " + " | ".join(m.upper() for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for name, label in (("sft", "SFT"), ("cm", "CM (SASRec)"), ("fusion", "SFT + CM fusion")):
+    for name, label in (("sft", "SFT"), ("sft_no_history", "SFT, history items left out"), ("cm", "CM (SASRec)"),
+                        ("fusion", "SFT + CM fusion")):
         lines.append(f"| {label} | " + " | ".join(_fmt(rows[name][k]) for k in METRICS) + " |")
-    lines += ["", "alpha chosen on validation NDCG@10 from " + ", ".join(f"{a:g}" for a in FUSION_WEIGHTS) + ": "
+    lines += ["", f"Share of SFT's top-{cfg.train.topk} that is in the user's own history (test): "
+              + ", ".join(f"seed {p['seed']}: {p['history_share_of_sft_topk']['test']:.1%}" for p in per_seed) + ".",
+              "", "alpha chosen on validation NDCG@10 from " + ", ".join(f"{a:g}" for a in FUSION_WEIGHTS) + ": "
               + ", ".join(f"seed {p['seed']}: {p['alpha']:g}" for p in per_seed) + ".", "",
               "## r_c of the observed item against 50 random items (validation users, first seed)", "",
               "| mapping | observed: mean (q10 / q50 / q90) | random: mean (q10 / q50 / q90) |", "|---|---|---|"]

@@ -196,3 +196,19 @@ def test_fused_topk_hand_example_with_a_history_item_of_a_filtered_cm():
     assert experiments.fused_topk(items, log_p, logits, 0.0, 3).tolist() == [[10, 12, 11]]
     assert experiments.fused_topk(items, log_p, logits, 1.0, 3).tolist() == [[11, 10, 12]]  # 3 > -1 > -10001.5
     assert experiments.fused_topk(items, log_p, logits, 0.1, 2).tolist() == [[10, 11]]  # -1 > -1.5 > ... -1001.5
+
+
+def test_history_in_pool_marks_the_samples_own_items():
+    import torch
+    items = torch.tensor([[5, 3, 9, -1], [3, 4, 5, 6]])
+    t = {"hist": torch.tensor([[3, 9, -1], [6, -1, -1]])}
+    assert experiments.history_in_pool(items, t).tolist() == [[False, True, True, False], [False, False, False, True]]
+
+
+def test_fusion_study_reports_sft_without_its_history(studies):
+    """Toy has no repeats (no target is in its history), so moving the history down can only move a target up."""
+    out, got, _ = studies
+    p = got["fusion"]["per_seed"][0]
+    assert 0.0 <= p["history_share_of_sft_topk"]["test"] <= 1.0
+    assert p["sft_no_history"]["test"]["ndcg@10"] >= p["curve"]["test"][0] - 1e-12  # alpha 0 = the pool in SFT's order
+    assert "| SFT, history items left out |" in (out / "results" / "toy_fusion.md").read_text()
