@@ -20,8 +20,8 @@ Full softmax is the default: on Beauty it more than doubles the BCE model's HR@1
 (BENCHMARKS.md, "A strong collaborative model"), as in the literature (Klenitskiy &
 Vasilev 2023, "Turning dross into gold loss: is BERT4Rec really better than SASRec?"), and a
 12k-20k item catalogue is cheap to normalise over on a CPU.
-`--cm-filter-seen` tells the CM that a user never buys an item twice (true of Beauty and Yelp,
-where no target item is in its user's history): the items of the history are left out of the
+`--cm-filter-seen` tells the CM that a user never buys an item twice (true of Beauty, where
+no valid or test target is in its user's history: BENCHMARKS.md): the items of the history are left out of the
 softmax at every training position (- log softmax over the catalogue minus s_1..s_t), and out of
 the ranking, so their r_c is 0. The eSASRec benchmark and RecBole rank this way; both rankings
 are in the stage's info (`test` follows the flag, `test_filtered` / `test_unfiltered` both).
@@ -75,7 +75,7 @@ class CollabConfig:
     loss: str = field(default="ce", metadata={"help": "CM training loss: ce (full softmax) | sampled (sampled softmax) | bce (SASRec paper: one negative)"})
     negatives: int = field(default=256, metadata={"help": "CM: uniform negatives per batch for --cm-loss sampled"})
     score: str = field(default="sigmoid", metadata={"help": "CM: how a logit becomes r_c in [0, 1]: sigmoid | softmax (P_CM / max P_CM) | rank (percentile)"})
-    filter_seen: bool = field(default=False, metadata={"help": "CM: leave the user's own history items out of the softmax in training and out of the ranking and r_c (Beauty and Yelp have no repeats)"})
+    filter_seen: bool = field(default=False, metadata={"help": "CM: leave the user's own history items out of the softmax in training and out of the ranking and r_c (Beauty has no repeats)"})
 
 
 CM_LOSSES = ("ce", "sampled", "bce")
@@ -133,6 +133,14 @@ def seen_mask(hist: torch.Tensor, n_items: int) -> torch.Tensor:
     idx = hist.masked_fill(hist < 0, n_items)  # padding points at a spare column, dropped below
     mask = torch.zeros(hist.shape[0], n_items + 1, dtype=torch.bool, device=hist.device)
     return mask.scatter_(1, idx, True)[:, :n_items]
+
+
+def in_history(items: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+    """items (B, M), hist (B, S) item ids (-1 = padding in either) -> (B, M) bool: item in its row's history.
+
+    [[5, 3, -1]], [[3, -1]] -> [[False, True, False]]
+    """
+    return (items[:, :, None] == hist[:, None, :]).any(-1) & (items >= 0)
 
 
 def prefix_items(seq: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -232,8 +240,7 @@ class SASRec(nn.Module):
         u = self.user_repr(hist, hist_len)  # (B, d)
         logit = torch.einsum("bd,bmd->bm", u, self.item_emb(items))  # (B, M)
         if self.cfg.filter_seen:
-            in_hist = (items[:, :, None] == hist[:, None, :]).any(-1)  # (B, M); hist's -1 never matches an item
-            logit = logit.masked_fill(in_hist, float("-inf"))
+            logit = logit.masked_fill(in_history(items, hist), float("-inf"))
         return logit
 
     @torch.no_grad()

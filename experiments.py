@@ -494,8 +494,7 @@ def fusion_pool(model: GRModel, cm, t: dict, cfg: Config) -> tuple[torch.Tensor,
 
 def history_in_pool(items: torch.Tensor, t: dict) -> torch.Tensor:
     """(N, pool) bool: True where the pool's item is in the sample's own history (t["hist"], -1 = padding)."""
-    hist = t["hist"].cpu()  # (N, S)
-    return (items[:, :, None] == hist[:, None, :]).any(-1) & (items >= 0)
+    return collab.in_history(items, t["hist"].cpu())
 
 
 def fused_topk(items: torch.Tensor, log_p: torch.Tensor, logits: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
