@@ -47,7 +47,8 @@ STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-
 # the default in any of them is a variant: its folder name says how (see `variant`), so an
 # ablation never overwrites the full model and identical configs share one run.
 VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"), ("sampler.K", "K{}"),
-                  ("ft.weight", "no-weight"), ("ft.lam", "lambda{}"))
+                  ("ft.weight", "no-weight"), ("ft.lam", "lambda{}"),
+                  ("sampler.aug_history", "hist{}"))
 
 
 @dataclass
@@ -223,6 +224,8 @@ def finalize(cfg: Config) -> Config:
         raise DataError(f"--lambda must be >= 0 (got {ft.lam})")
     if sp.K < 0:
         raise DataError(f"--K must be >= 0 (got {sp.K})")
+    if sp.aug_history < 0:
+        raise DataError(f"--aug-history must be >= 0 (got {sp.aug_history})")
     if sp.sampler not in SAMPLERS:
         raise DataError(f"unknown sampler {sp.sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if sp.candidates not in CANDIDATES:

@@ -127,8 +127,8 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     prior (--sft-prior): the frozen SFT model (see trajectory_rewards).
     """
     ft = cfg.ft
-    # Sec. 3.1: K augmented items from the adaptive sampler, with their CM scores
-    aug, r_c_aug = sampler.sample(hist, hist_len, target, progress, model)  # (B, K), (B, K)
+    # Sec. 3.1: K augmented items from the adaptive sampler (+ H history items), with their CM scores
+    aug, r_c_aug = sampler.sample(hist, hist_len, target, progress, model)  # (B, K + H), (B, K + H)
     r_c_obs = cm.score(hist, hist_len, target[:, None])  # (B, 1): y_CM(v, U)
     items = torch.cat([target[:, None], aug], 1)  # (B, M): column 0 is the observed trajectory tau
     r_c = torch.cat([r_c_obs, r_c_aug], 1)  # (B, M)

@@ -18,6 +18,13 @@ which are the ones the GFlowNet loss can re-rank; `cm` takes the CM's own top-N 
 outside the history and v, the "potential positives" of Sec. 3.1. Items in the history or
 equal to v are replaced by uniform draws (random, policy) or never proposed (cm).
 
+History trajectories (`--aug-history H`, our addition; the paper does not say whether the
+user's own items may be augmented): the H most recent items of U's history join the K
+sampled ones as augmented trajectories, scored by the CM like any other (r_c = 0 under
+--cm-filter-seen). On Beauty no item recurs, yet 7% of SFT's top-10 are history items
+(experiments.py, fusion study); no candidate source above ever proposes them, so without
+these trajectories the GFlowNet is never asked to move them down.
+
 Usage: `aug, r_c_aug = TrajectorySampler(cm, n_items, SamplerConfig()).sample(hist, hist_len, target, progress)`
 """
 from __future__ import annotations
@@ -36,6 +43,7 @@ class SamplerConfig:
     K: int = field(default=3, metadata={"help": "augmented trajectories per sample (0 with --sampler none)"})
     n_candidates: int = field(default=50, metadata={"help": "N: candidates scored by the CM per sample"})
     candidates: str = field(default="random", metadata={"help": "candidate source: random (uniform) | policy (the model's own top-N) | cm (the CM's top-N)"})
+    aug_history: int = field(default=0, metadata={"help": "H: the user's H most recent history items join the K sampled items as augmented trajectories"})
 
 
 class TrajectorySampler:
@@ -48,6 +56,7 @@ class TrajectorySampler:
             raise ValueError(f"unknown candidate source {cfg.candidates!r}")
         self.cm, self.n_items, self.cfg = cm, n_items, cfg
         self.K = 0 if cfg.sampler == "none" else cfg.K
+        self.H = cfg.aug_history
         self.gen = torch.Generator().manual_seed(seed)
 
     def candidates(self, hist: torch.Tensor, target: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,12 +85,32 @@ class TrajectorySampler:
         full.scatter_(1, target[:, None], float("-inf"))  # the observed item v
         return full[:, : self.n_items].topk(self.cfg.n_candidates, dim=1).indices
 
+    @staticmethod
+    def recent_history(hist: torch.Tensor, hist_len: torch.Tensor, H: int) -> torch.Tensor:
+        """The H most recent history items, newest first: (B, H); a history shorter than H repeats its oldest item.
+
+        hist is left-aligned (data.Split): [[7, 8, 9, -1]], hist_len [3], H 2 -> [[9, 8]];
+        [[7, -1, -1, -1]], [1], 2 -> [[7, 7]].
+        """
+        back = torch.arange(H, device=hist.device)  # 0 = newest
+        col = (hist_len[:, None] - 1 - back).clamp_min(0)  # (B, H)
+        return hist.gather(1, col)
+
     @torch.no_grad()
     def sample(self, hist: torch.Tensor, hist_len: torch.Tensor, target: torch.Tensor, progress: float, model=None):
-        """Returns augmented items (B, K) and their CM scores r_c (B, K), on the device of hist.
+        """Returns augmented items (B, K + H) and their CM scores r_c (B, K + H), on the device of hist.
 
+        Columns 0..K-1 are the sampled items, K..K+H-1 the history items (--aug-history).
         model: the generator being fine-tuned; needed for candidates = "policy".
         """
+        aug, r_c = self._sample(hist, hist_len, target, progress, model)  # (B, K), (B, K)
+        if self.H == 0:
+            return aug, r_c
+        own = self.recent_history(hist, hist_len, self.H)  # (B, H)
+        return torch.cat([aug, own], 1), torch.cat([r_c, self.cm.score(hist, hist_len, own)], 1)
+
+    def _sample(self, hist, hist_len, target, progress, model):
+        """The K sampled augmented items and their r_c (see `sample`)."""
         B, dev = target.shape[0], hist.device
         if self.K == 0:
             return torch.empty(B, 0, dtype=torch.long, device=dev), torch.empty(B, 0, device=dev)

@@ -112,3 +112,26 @@ def test_cm_candidates_are_the_cms_top_items_minus_history_and_target():
     hard, _ = s.sample(hist, hist_len, target, 1.0)  # end of the curriculum: the CM's favourites
     easy, _ = s.sample(hist, hist_len, target, 0.0)  # start: the lowest-scored of the CM's top-N
     assert sorted(hard[0].tolist()) == [15, 16] and sorted(easy[0].tolist()) == [13, 14]
+
+
+def test_recent_history_by_hand():
+    hist = torch.tensor([[7, 8, 9, -1], [7, -1, -1, -1]])
+    got = TrajectorySampler.recent_history(hist, torch.tensor([3, 1]), 2)
+    assert got.tolist() == [[9, 8], [7, 7]]  # newest first; a short history repeats its oldest item
+
+
+def test_aug_history_appends_the_users_own_items_with_their_cm_scores():
+    n_items = 100
+    hist, hist_len, target = batch(n_items)
+    hist_len = torch.tensor([6, 5, 1, 2] * 4)
+    cfg = SamplerConfig(sampler="random", K=3, n_candidates=20, aug_history=2)
+    s = TrajectorySampler(FixedCM(n_items), n_items, cfg, seed=1)
+    aug, r_c = s.sample(hist, hist_len, target, 0.5)
+    assert aug.shape == (16, 5) and r_c.shape == (16, 5)
+    rows = torch.arange(16)
+    assert torch.equal(aug[:, 3], hist[rows, hist_len - 1])  # the newest history item
+    assert torch.equal(aug[:, 4], hist[rows, (hist_len - 2).clamp_min(0)])
+    assert torch.allclose(r_c, aug.float() / n_items)
+    # the first K columns are the sampler's own draw, the same with or without H
+    plain = TrajectorySampler(FixedCM(n_items), n_items, SamplerConfig(sampler="random", K=3, n_candidates=20), seed=1)
+    assert torch.equal(plain.sample(hist, hist_len, target, 0.5)[0], aug[:, :3])
