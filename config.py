@@ -48,7 +48,7 @@ STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-
 # ablation never overwrites the full model and identical configs share one run.
 VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"), ("sampler.K", "K{}"),
                   ("ft.weight", "no-weight"), ("ft.lam", "lambda{}"),
-                  ("sampler.aug_history", "hist{}"))
+                  ("sampler.aug_history", "hist{}"), ("ft.reward_floor", "floor{}"))
 
 
 @dataclass
@@ -230,6 +230,8 @@ def finalize(cfg: Config) -> Config:
         raise DataError(f"unknown sampler {sp.sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if sp.candidates not in CANDIDATES:
         raise DataError(f"unknown --candidates {sp.candidates!r}: choose one of {', '.join(CANDIDATES)}")
+    if not 0 < ft.reward_floor < 1:
+        raise DataError(f"--reward-floor must be in (0, 1) (got {ft.reward_floor}): log R needs R > 0")
     if ft.reward_beta <= 0:
         raise DataError(f"--reward-beta must be > 0 (got {ft.reward_beta})")
     if sp.sampler != "none" and sp.K > sp.n_candidates:

@@ -42,7 +42,7 @@ from batches import length_bucketed_batches, trim
 from data import DataError
 from evaluation import evaluate, recommend
 from gflowgr import GFlowNetHeads, GRModel
-from losses import gflowgr_loss, gr_loss, log_reward, reward, trajectory_weight, vargrad_log_z
+from losses import REWARD_FLOOR, gflowgr_loss, gr_loss, log_reward, reward, trajectory_weight, vargrad_log_z
 from runtime import JsonlLogger, check_finite, set_seed
 from sampler import TrajectorySampler
 
@@ -63,6 +63,7 @@ class FinetuneConfig:
     log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z) | vargrad (closed form from each sample's 1 + K trajectories)"})
     log_flow: str = field(default="prefix", metadata={"help": "DB's log F(s_l): head (an MLP on the prefix state) | prefix (the MLP plus the policy's own log-probability of reaching s_l, detached: starts near balance)"})
     reward_beta: float = field(default=3.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1; 3 was best on Beauty valid)"})
+    reward_floor: float = field(default=REWARD_FLOOR, metadata={"help": "R is floored here before the log (R = 0 is possible): the lowest target, beta * log floor, below which no item is pushed"})
     sft_prior: bool = field(default=False, metadata={"help": "reward times the frozen SFT likelihood: target P_SFT(v|U) R^beta / Z(U)"})
     rsim_dedup: bool = field(default=False, metadata={"help": "count the dedup (collision) token in r_sim too (default: semantic levels only)"})
     inspect_users: int = field(default=40, metadata={"help": "test users whose trajectories go into inspect.json"})
@@ -89,7 +90,7 @@ def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, c
     if not cfg.ft.rsim_dedup:
         codes = codes[..., : cfg.tok.levels]
     rew = reward(codes, r_c, tuple(cfg.ft.reward.split(",")))
-    log_r = log_reward(rew["R"], beta=cfg.ft.reward_beta)  # (B, M)
+    log_r = log_reward(rew["R"], floor=cfg.ft.reward_floor, beta=cfg.ft.reward_beta)  # (B, M)
     if prior is not None:
         with torch.no_grad():
             log_r = log_r + prior.trajectories(hist, hist_len, items)[0].sum(-1)  # + log P_SFT(v | U)

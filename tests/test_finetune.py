@@ -83,6 +83,10 @@ def test_rsim_ignores_the_dedup_token_unless_asked():
     rew, log_r = trajectory_rewards(model, items, r_c, cfg)
     assert rew["r_sim"].tolist() == [[4.0, 1.0, 2.0]]
     assert log_r[0].tolist() == pytest.approx([2 * math.log(5.5), 2 * math.log(1.2), 2 * math.log(2.1)])
+    # --reward-floor: an item with R = 0 (r_c alone, r_c = 0) sits at beta * log floor
+    cfg = parse_config(["--dataset", "toy", "--levels", "3", "--reward", "rc", "--reward-beta", "0.5", "--reward-floor", "1e-8"])
+    _, log_r = trajectory_rewards(model, items, torch.tensor([[0.04, 0.0, 1e-9]]), cfg)
+    assert log_r[0].tolist() == pytest.approx([0.5 * math.log(0.04), 0.5 * math.log(1e-8), 0.5 * math.log(1e-8)])
 
 
 def test_warm_up_only_epochs_never_count_as_the_best_fine_tuned_model(toy_run):
