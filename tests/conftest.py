@@ -1,8 +1,23 @@
-"""Shared fixtures: a tiny toy configuration and one SFT run trained into a temporary folder."""
+"""Shared fixtures: a tiny toy configuration and one SFT run trained into a temporary folder.
+
+The suite runs its files on parallel workers (pytest-xdist, `-n auto --dist loadfile` in
+pytest.ini; `-n 0` runs it in one process); each worker gets its share of the cores as torch
+threads, so two workers on two cores do not fight over them.
+"""
+import os
+
 import pytest
 
 from data import DataConfig
 from config import Config, TrainConfig, apply_preset
+
+
+def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def tiny_config(out, **train_overrides) -> Config:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# a small toy run: 150 users, 30 RQ-VAE epochs, 5 SFT and 5 CM epochs (no early stop), 3 GFlowGR epochs, one thread (bit-reproducible)
-ARGS = ["--dataset", "toy", "--method", "gflowgr-tb", "--toy-users", "150", "--epochs", "5", "--patience", "5",
-        "--ft-epochs", "3", "--head-warmup", "3", "--cm-epochs", "5", "--cm-patience", "5", "--rq-epochs", "30", "--threads", "1"]
+# a small toy run: 150 users, 20 RQ-VAE epochs, 3 SFT and 3 CM epochs (no early stop), 2 GFlowGR epochs, one thread
+# (bit-reproducible); every stage has more than one epoch, so each can be killed after its first checkpoint
+ARGS = ["--dataset", "toy", "--method", "gflowgr-tb", "--toy-users", "150", "--epochs", "3", "--patience", "3",
+        "--ft-epochs", "2", "--head-warmup", "3", "--cm-epochs", "3", "--cm-patience", "3", "--rq-epochs", "20", "--threads", "1"]
 RUN = "toy__gflowgr-tb__seed42"
 
 
@@ -84,7 +85,7 @@ def test_killed_in_every_stage_resumes_to_the_same_numbers(whole_run, uninterrup
     stage = next((tmp_path / "toy").glob("sft-*"))
     assert (stage / "checkpoint.pt").exists() and not (stage / "resume.pt").exists()
     rows = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows if "eval/valid_ndcg@10" in r] == [1, 2, 3, 4, 5]  # cut back, not repeated
+    assert [r["epoch"] for r in rows if "eval/valid_ndcg@10" in r] == [1, 2, 3]  # cut back, not repeated
     # 4. and again: resumes the fine-tuning and finishes
     out = finish(start(tmp_path))
     assert "[resume] gflowgr-tb continues after epoch" in out
@@ -96,7 +97,7 @@ def test_killed_in_every_stage_resumes_to_the_same_numbers(whole_run, uninterrup
     # the training curves were cut back to the checkpoint, not duplicated, and the epochs after
     # the resume trained exactly as uninterrupted ones
     rows = curve(tmp_path / RUN)
-    assert [r["epoch"] for r in rows if "eval/valid_ndcg@10" in r] == [1, 2, 3]
+    assert [r["epoch"] for r in rows if "eval/valid_ndcg@10" in r] == [1, 2]
     assert rows == curve(whole_run / RUN)
 
 
