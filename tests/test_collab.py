@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import collab
 from collab import CollabConfig, SASRec, evaluate_full_ranking, left_pad, load_or_train, train_sasrec, training_sequences
@@ -283,3 +284,21 @@ def test_cache_key_unchanged_without_filter_seen(toy):
     want = hashlib.sha256(json.dumps([ds.name, ds.n_items, old, seqs], sort_keys=True).encode()).hexdigest()[:10]
     assert collab.cm_key(ds, cfg) == want
     assert collab.cm_key(ds, CollabConfig(max_len=16, filter_seen=True)) != want
+
+
+def test_filter_seen_ce_gradient_equals_the_explicitly_masked_softmax():
+    """The history mask is written into the logits without autograd: its gradient must still be
+    that of cross-entropy over the catalogue minus s_1..s_t (0 at the history items)."""
+    torch.manual_seed(0)
+    model = SASRec(6, CollabConfig(d=4, max_len=3))
+    seq = torch.tensor([[-1, 1, 2], [3, 0, 4]])
+    p = torch.tensor([[-1, 2, 5], [0, 4, 1]])
+    real = p >= 0
+    h = torch.randn(2, 3, 4, requires_grad=True)
+    got = torch.autograd.grad(collab.cm_loss(model, h, p, real, CollabConfig(loss="ce", filter_seen=True), seq=seq), h)[0]
+    logits = h[real] @ model.item_emb.weight[:6].T  # (P, 6)
+    seen = collab.seen_mask(collab.prefix_items(seq, real), 6)  # (P, 6)
+    want = torch.autograd.grad(F.cross_entropy(logits.masked_fill(seen, float("-inf")), p[real]), h)[0]
+    assert torch.allclose(got, want, atol=1e-7) and got.abs().sum() > 0
+    plain = torch.autograd.grad(collab.cm_loss(model, h, p, real, CollabConfig(loss="ce"), seq=seq), h)[0]
+    assert not torch.allclose(plain, want, atol=1e-4)  # the mask changes the gradient
