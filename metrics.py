@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import stats
 
 KS = (5, 10)
 
@@ -75,6 +74,8 @@ def kl_to_fitted_normal(p: np.ndarray, floor: float = 1e-12) -> float:
     (far tails underflow) so the value stays finite. Lower = closer to a smooth bell over the
     popularity axis; a list piled onto a few head items is far from it.
     """
+    from scipy import stats  # imported here: scipy.stats costs ~1.5 s, and only this function needs it
+
     p = np.asarray(p, dtype=np.float64)
     p = p / p.sum()
     x = np.arange(len(p))

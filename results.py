@@ -34,7 +34,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 METRICS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
 COLUMN = {"hr@5": "HR@5", "hr@10": "HR@10", "ndcg@5": "NDCG@5", "ndcg@10": "NDCG@10"}
@@ -119,6 +118,8 @@ def collect(runs_dir, dataset: str, backbone: str, methods, seeds) -> dict:
 def welch_greater(x, y) -> tuple[float, float]:
     """(t, p) of the one-sided Welch t-test, H1: mean(x) > mean(y); (nan, nan) when either
     side has fewer than 2 values (no sample variance, so no test)."""
+    from scipy import stats  # imported here: scipy.stats costs ~1.5 s, and only this function needs it
+
     if len(x) < 2 or len(y) < 2:
         return math.nan, math.nan
     with warnings.catch_warnings():

@@ -16,9 +16,9 @@ from train import cli, main
 
 
 def study_cfg(out, study: str):
-    """A toy budget for the studies: 200 users, 1 fine-tuning epoch, a small CM."""
+    """A toy budget for the studies: 120 users, 1 fine-tuning epoch, a small CM."""
     cfg = tiny_config(out, study=study, diversity_users=40, regime_epochs=2)
-    cfg.data.toy_users = 200
+    cfg.data.toy_users = 120
     cfg.ft.ft_epochs, cfg.ft.head_warmup, cfg.cm.epochs = 1, 3, 5
     return cfg
 

@@ -21,7 +21,10 @@ RUN = "toy__gflowgr-tb__seed42"
 def start(out: Path, method: str = "gflowgr-tb", *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     args = [*ARGS, "--out", str(out), "--method", method, *extra]  # a flag given twice: the last wins
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env,
+    # A shell starts background jobs (`pytest ... &`) with Ctrl-C ignored, and Python keeps an
+    # ignored SIGINT ignored: give the run the default back, or the Ctrl-C test cannot stop it.
+    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else None
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, preexec_fn=restore,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -133,16 +136,13 @@ def test_killed_baseline_resumes_to_the_same_numbers(whole_run, tmp_path, method
     assert got["test"] != json.loads((whole_run / RUN / "metrics.json").read_text())["sft_eval"]["test"]  # it did fine-tune
 
 
-def test_damaged_cache_files_are_reported_and_redone(tmp_path):
-    """A truncated SFT checkpoint, a truncated ID file and a CM checkpoint with one byte changed:
-    each is detected on load (size / checksum), said, and that stage redone to the same result."""
-    from conftest import tiny_config
-    from pipeline import run as main
+def test_damaged_cache_files_are_reported_and_redone(whole_run, uninterrupted, tmp_path):
+    """A truncated SFT checkpoint, a truncated ID file and a CM checkpoint with one byte changed
+    (copies of the uninterrupted run's caches): each is detected on load (size / checksum),
+    said, and that stage redone to the same result."""
+    import cache
 
-    cfg = tiny_config(tmp_path, method="gflowgr-tb")
-    cfg.data.toy_users, cfg.train.epochs, cfg.cm.epochs = 150, 3, 3
-    cfg.ft.ft_epochs, cfg.ft.head_warmup = 1, 3
-    first = main(cfg, log=lambda *a: None)
+    shutil.copytree(whole_run / "toy", tmp_path / "toy")
     stage = tmp_path / "toy"
     sft, ids, cm = (next(stage.glob(g)) for g in ("sft-*/checkpoint.pt", "ids-*/codes.pt", "cm-*/checkpoint.pt"))
     for f in (sft, ids):
@@ -150,18 +150,18 @@ def test_damaged_cache_files_are_reported_and_redone(tmp_path):
     raw = bytearray(cm.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # same size, one byte flipped
     cm.write_bytes(bytes(raw))
-    lines = []
-    again = main(cfg, log=lines.append)
-    text = "\n".join(map(str, lines))
+    text = finish(start(tmp_path))
     assert f"SFT checkpoint {sft} is damaged" in text and "truncated" in text
     assert f"semantic IDs {ids} is damaged" in text
     assert f"collaborative model {cm} is damaged" in text and "SHA-256" in text
     assert "[stage] SFT" in text  # retrained, not loaded
-    assert again["test"] == first["test"] and again["sft_eval"]["test"] == first["sft_eval"]["test"]
+    again = json.loads((tmp_path / RUN / "metrics.json").read_text())
+    assert again["test"] == uninterrupted["test"] and again["sft_eval"]["test"] == uninterrupted["sft_eval"]["test"]
     # the redone files are whole again and verify on the next load
-    lines.clear()
-    main(cfg, log=lines.append)
-    assert " is damaged:" not in "\n".join(map(str, lines))
+    lines = []
+    for f in (sft, ids, cm):
+        assert cache.load(f, f.name, log=lines.append, trusted=True) is not None
+    assert lines == []
 
 
 def test_nan_mid_finetuning_stops_with_step_and_term_and_saves_no_nan(tmp_path, capsys, monkeypatch):
