@@ -232,8 +232,15 @@ class SASRec(nn.Module):
         return self.final_norm(x)
 
     def user_repr(self, hist: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
-        """hist (B, S) in the Split layout (left-aligned, -1 on the right), hist_len (B,) -> F_U (B, d)."""
-        return self.encode(left_pad(hist, hist_len, self.cfg.max_len))[:, -1]  # (B, d): the newest position
+        """hist (B, S) in the Split layout (left-aligned, -1 on the right), hist_len (B,) -> F_U (B, d).
+
+        Only as many columns as the batch's longest history (at most max_len) are encoded, as in
+        training: padding is masked out, so F_U is the same up to float rounding (~1e-6) as
+        with all max_len columns, and a Beauty batch (histories of at most 20 items, 8.9 on
+        average) costs a fifth of the encoder's time.
+        """
+        width = min(self.cfg.max_len, max(1, int(hist_len.max())) if len(hist_len) else 1)
+        return self.encode(left_pad(hist, hist_len, width))[:, -1]  # (B, d): the newest position
 
     def logits(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """<F_U, M_i> for items (B, M) -> (B, M)."""
@@ -244,17 +251,19 @@ class SASRec(nn.Module):
         return logit
 
     @torch.no_grad()
-    def score(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def score(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor,
+              full: torch.Tensor | None = None) -> torch.Tensor:
         """r_c of the paper (Sec. 3.2): y_hat_CM(v', U) in [0, 1] for items (B, M) -> (B, M).
 
         The mapping from the logit s(v) is `cfg.score` (module docstring): sigma(s(v)), the
         natural link of a BCE-trained model; exp(s(v) - max_i s(i)), the user's softmax
         divided by its largest value; or the percentile of s(v) among all items' logits.
-        Call on a model in eval mode (dropout off), as load_or_train returns it.
+        Call on a model in eval mode (dropout off), as load_or_train returns it. full: these
+        users' `full_scores`, if the caller has them already (softmax and rank read them).
         """
         if self.cfg.score == "sigmoid":
             return torch.sigmoid(self.logits(hist, hist_len, items))
-        full = self.full_scores(hist, hist_len)  # (B, n_items)
+        full = self.full_scores(hist, hist_len) if full is None else full  # (B, n_items)
         logit = full.gather(1, items)  # (B, M), the same numbers as in `full`
         if self.cfg.score == "softmax":
             # P_CM(v | U) / max_i P_CM(i | U) = exp(s(v) - max_i s(i))

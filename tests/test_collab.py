@@ -72,6 +72,9 @@ def test_user_repr_does_not_depend_on_padding():
     state["pos_emb.weight"] = state["pos_emb.weight"][-4:]  # the same recency positions
     short_window.load_state_dict(state)
     torch.testing.assert_close(short_window.user_repr(hist, hist_len), a)
+    # user_repr encodes only the longest history's 4 columns; the whole max_len window agrees
+    full_window = model.encode(left_pad(hist, hist_len, 10))[:, -1]  # (2, d)
+    torch.testing.assert_close(full_window, a)
 
 
 def test_training_sequences_are_items_without_the_last_two():
