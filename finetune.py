@@ -128,9 +128,12 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     prior (--sft-prior): the frozen SFT model (see trajectory_rewards).
     """
     ft = cfg.ft
+    # the CM's logits of these users over all items, once per batch, where the CM's top-N
+    # candidates or the r_c mapping (softmax, rank) read them (three calls were ~22% of a Beauty step)
+    full = cm.full_scores(hist, hist_len) if cm.cfg.score != "sigmoid" or sampler.cfg.candidates == "cm" else None  # (B, n_items)
     # Sec. 3.1: K augmented items from the adaptive sampler (+ H history items), with their CM scores
-    aug, r_c_aug = sampler.sample(hist, hist_len, target, progress, model)  # (B, K + H), (B, K + H)
-    r_c_obs = cm.score(hist, hist_len, target[:, None])  # (B, 1): y_CM(v, U)
+    aug, r_c_aug = sampler.sample(hist, hist_len, target, progress, model, full)  # (B, K + H), (B, K + H)
+    r_c_obs = cm.score(hist, hist_len, target[:, None], full)  # (B, 1): y_CM(v, U)
     items = torch.cat([target[:, None], aug], 1)  # (B, M): column 0 is the observed trajectory tau
     r_c = torch.cat([r_c_obs, r_c_aug], 1)  # (B, M)
     log_pf, h, mem, mask = model.trajectories(hist, hist_len, items)  # (B, M, L), (B, M, L, d)

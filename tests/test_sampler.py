@@ -11,7 +11,7 @@ class FixedCM:
     def __init__(self, n_items):
         self.n_items = n_items
 
-    def score(self, hist, hist_len, items):
+    def score(self, hist, hist_len, items, full=None):
         return items.float() / self.n_items
 
 
@@ -112,6 +112,26 @@ def test_cm_candidates_are_the_cms_top_items_minus_history_and_target():
     hard, _ = s.sample(hist, hist_len, target, 1.0)  # end of the curriculum: the CM's favourites
     easy, _ = s.sample(hist, hist_len, target, 0.0)  # start: the lowest-scored of the CM's top-N
     assert sorted(hard[0].tolist()) == [15, 16] and sorted(easy[0].tolist()) == [13, 14]
+
+
+def test_sharing_the_cms_full_scores_changes_nothing_and_leaves_them_intact():
+    """gflowgr_step computes full_scores once and hands them to the sampler and to r_c."""
+    import collab
+
+    torch.manual_seed(0)
+    n_items = 60
+    cm = collab.SASRec(n_items, collab.CollabConfig(max_len=8, score="softmax", filter_seen=True)).eval()
+    hist, hist_len, target = batch(n_items)
+    hist_len = torch.tensor([6, 5, 1, 2] * 4)
+    hist = torch.where(torch.arange(6) < hist_len[:, None], hist, -1)
+    cfg = SamplerConfig(K=3, n_candidates=10, candidates="cm", aug_history=1)
+    full = cm.full_scores(hist, hist_len)
+    kept = full.clone()
+    own = TrajectorySampler(cm, n_items, cfg, seed=3).sample(hist, hist_len, target, 0.4)
+    shared = TrajectorySampler(cm, n_items, cfg, seed=3).sample(hist, hist_len, target, 0.4, full=full)
+    assert torch.equal(own[0], shared[0]) and torch.equal(own[1], shared[1])
+    assert torch.equal(full, kept)  # cm_top masks a copy, not the caller's matrix
+    assert torch.equal(cm.score(hist, hist_len, target[:, None], full), cm.score(hist, hist_len, target[:, None]))
 
 
 def test_recent_history_by_hand():
