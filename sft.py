@@ -6,7 +6,8 @@ AdamW (weight decay on matrices only), linear warm-up then cosine decay to 10% o
 learning rate over `epochs`, gradients clipped at norm 1, length-bucketed batches. After each
 epoch the model is scored on (a fixed subsample of) the validation users by beam search; the
 epoch with the best valid NDCG@10 is kept, and `patience` epochs without a better one stop the
-run. The whole training state is saved after every epoch, so a killed run resumes to the same
+run; `eval_from` skips the scoring of epochs too early to be the best (the last epoch is
+always scored). The whole training state is saved after every epoch, so a killed run resumes to the same
 numbers.
 
 Usage: `info = train_sft(model, to_tensors(splits["train"], dev), to_tensors(splits["valid"], dev), cfg.train, logger)`
@@ -68,6 +69,14 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg, logger: JsonlLo
         cache.set_rng_state(resume["rng"])
         best, step, bad, t_train, n_seen, start = (resume[k] for k in ("best", "step", "bad", "t_train", "n_seen", "epoch"))
         log(f"[resume] SFT continues after epoch {start} of {cfg.epochs} ({resume_path})")
+
+    def save_state(epoch):  # after epoch (0-based) ends, unless it is the last
+        if resume_path is not None and epoch + 1 < cfg.epochs:
+            cache.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "gen": gen.get_state(), "rng": cache.rng_state(), "best": best, "step": step, "bad": bad,
+                        "t_train": t_train, "n_seen": n_seen, "epoch": epoch + 1, "log_bytes": logger.tell(),
+                        "identity": None}, resume_path)  # the stage folder's key is the identity
+
     epoch, stop = start - 1, False
     for epoch in range(start, cfg.epochs):
         model.train()
@@ -92,6 +101,12 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg, logger: JsonlLo
                 bar.set_postfix(loss=f"{run_loss:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
                 logger.log(step=step, epoch=epoch, **{"loss/gr": run_loss, "charts/lr": sched.get_last_lr()[0]})
         t_train += time.time() - t0
+        if epoch + 1 < min(cfg.eval_from, cfg.epochs):  # --eval-from: too early to be the kept epoch
+            logger.log(step=step, epoch=epoch + 1, **{"loss/gr": run_loss, "charts/samples_per_s": n_seen / t_train,
+                                                      "charts/epoch_seconds": time.time() - t0})
+            log(f"epoch {epoch + 1:3d}  loss {run_loss:.4f}  (validation from epoch {cfg.eval_from}; {n_seen / t_train:.0f} samples/s)")
+            save_state(epoch)
+            continue
         t1 = time.time()
         val = evaluate(model, valid_t, cfg, eval_idx, desc="valid")
         t_eval = time.time() - t1
@@ -107,11 +122,8 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg, logger: JsonlLo
         else:
             bad += 1
             stop = bad >= cfg.patience
-        if resume_path is not None and not stop and epoch + 1 < cfg.epochs:
-            cache.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "gen": gen.get_state(), "rng": cache.rng_state(), "best": best, "step": step, "bad": bad,
-                        "t_train": t_train, "n_seen": n_seen, "epoch": epoch + 1, "log_bytes": logger.tell(),
-                        "identity": None}, resume_path)  # the stage folder's key is the identity
+        if not stop:
+            save_state(epoch)
         if stop:
             log(f"early stop: no better valid NDCG@10 for {cfg.patience} epochs (best epoch {best['epoch']})")
             break

@@ -23,7 +23,7 @@ import torch
 
 import cache
 from batches import to_tensors
-from config import NOT_SFT_SETTINGS, Config
+from config import NOT_SFT_SETTINGS, Config, train_settings
 from evaluation import evaluate
 from gflowgr import GRModel
 from runtime import JsonlLogger, set_seed
@@ -79,7 +79,7 @@ def sft_key(ds, ids_key: str, cfg: Config) -> str:
     """The SFT stage's key: the IDs, the data, the backbone's config and the TrainConfig fields
     that change the SFT model (not the method, seeds, device, threads, study, tag, ...)."""
     return cache.stage_key(ids_key, cache.fingerprint(ds.sequences), asdict(cfg.model),
-                           {k: v for k, v in asdict(cfg.train).items() if k not in NOT_SFT_SETTINGS})
+                           train_settings(cfg.train, NOT_SFT_SETTINGS))
 
 
 def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) -> tuple[GRModel, dict, Path]:

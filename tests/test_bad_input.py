@@ -71,6 +71,7 @@ CASES = [
     ("unknown candidates", ["--method", "gflowgr-tb", "--candidates", "oracle"], None, ["unknown --candidates 'oracle'"]),
     ("tag with a slash", ["--tag", "a/b"], None, ["--tag may hold letters, digits and '-' only"]),
     ("regime epochs 0", ["--study", "paper-regime", "--regime-epochs", "0"], None, ["--regime-epochs must be >= 1"]),
+    ("eval from 0", ["--eval-from", "0"], None, ["--eval-from must be >= 1"]),
     ("malformed interactions line", ["--dataset", "yelp"], bad_yelp_line,
      [data_mod.YELP_SEQUENCES, "line 2", "expected integer ids", "Fix that line"]),
     ("malformed interactions file", ["--dataset", "beauty"], bad_beauty_interactions,

@@ -43,3 +43,21 @@ def test_the_kept_model_is_the_epoch_with_the_best_valid_ndcg(toy_run):
     # the checkpoint is that epoch's model: its step is the best epoch's last step
     ckpt = torch.load(Path(metrics["stage"]) / "checkpoint.pt")
     assert ckpt["step"] == metrics["sft"]["step"] == next(r["step"] for r in evals if r["epoch"] == best)
+
+
+def test_eval_from_skips_early_scoring_and_trains_the_same_model(toy_run):
+    """--eval-from 4: epochs 1-3 are trained but not scored, so the same weights give the same
+    valid scores from epoch 4 on, and the kept epoch is the best of those."""
+    from conftest import tiny_config
+    from pipeline import run as main
+
+    cfg, metrics, _ = toy_run
+    late = main(tiny_config(cfg.train.out, eval_from=4), log=lambda *a: None)  # the same IDs, its own SFT stage
+    assert late["stage"] != metrics["stage"]
+    every = {r["epoch"]: r["eval/valid_ndcg@10"] for r in curves(metrics) if "eval/valid_ndcg@10" in r}
+    scored = {r["epoch"]: r["eval/valid_ndcg@10"] for r in curves(late) if "eval/valid_ndcg@10" in r}
+    assert min(scored) == 4 and sorted(scored) == list(range(4, late["sft"]["epochs_run"] + 1))
+    assert all(scored[e] == every[e] for e in scored if e in every)  # bit-identical training
+    assert late["sft"]["best_epoch"] == max(scored, key=lambda e: (scored[e], -e))
+    trained = [r for r in curves(late) if "charts/epoch_seconds" in r and r["epoch"] < 4]
+    assert [r["epoch"] for r in trained] == [1, 2, 3]  # logged, without valid metrics
