@@ -425,7 +425,7 @@ def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, devic
         else:
             batches = torch.randperm(len(users), generator=gen).split(cfg.batch_size)
         bar = tqdm(batches, desc=f"cm epoch {epoch}/{cfg.epochs}", leave=False)
-        run_loss = None
+        loss_sum, n_pos = 0.0, 0  # the epoch's mean loss per position (a bucketed batch's own loss swings with its length)
         for b in bar:
             neg = None
             if cfg.loss == "bce":
@@ -452,7 +452,10 @@ def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, devic
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite CM loss at epoch {epoch}: {loss.item()}")
             opt.step()
-            run_loss = loss.item() if run_loss is None else 0.9 * run_loss + 0.1 * loss.item()
+            n_real = int(real.sum())
+            loss_sum += loss.item() * (positions_per_batch if cfg.bucket else n_real)
+            n_pos += n_real
+            run_loss = loss_sum / n_pos
             bar.set_postfix(loss=f"{run_loss:.4f}")
         t_train += time.time() - t0
 
