@@ -31,6 +31,8 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
+import distributed
+
 RUNS_ENV = "GFLOWGR_RUNS"
 EXPLAIN_WIDTH = 1  # columns: chart 3, explanation 1
 
@@ -566,6 +568,9 @@ def panel_training(b: Bundle) -> None:
 def main() -> None:
     st.set_page_config(page_title="GFlowGR inspector", layout="wide")
     st.title("GFlowGR inspector")
+    if distributed.launched() > 1:
+        st.error("The inspector is one process: start it with `streamlit run app.py`, not under torchrun.")
+        return
     root = runs_root()
     runs = list_runs(root)
     if not runs:

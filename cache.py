@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import distributed
+
 
 def stage_key(*parts) -> str:
     """Short stable hash of the configs that determine a stage's output."""
@@ -44,7 +46,10 @@ def fingerprint(obj) -> str:
 
 
 def atomic_write_json(obj, path: Path) -> None:
-    """Write JSON to a temporary file and rename it into place: a crash never leaves half a file."""
+    """Write JSON to a temporary file and rename it into place: a crash never leaves half a file.
+    Under torchrun rank 0 alone writes (distributed.py)."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -65,7 +70,10 @@ def _sidecar(path: Path) -> Path:
 
 
 def save(obj, path: Path) -> None:
-    """torch.save to a temporary file, rename it into place, then record its size and checksum."""
+    """torch.save to a temporary file, rename it into place, then record its size and checksum.
+    Under torchrun rank 0 alone writes (distributed.py)."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -109,16 +117,19 @@ def load(path: Path, what: str, log=print, map_location=None, trusted: bool = Fa
             problem = f"it does not load ({type(e).__name__})"
     if problem is not None:
         log(f"[cache] {what} {path} is damaged: {problem}. Deleting it and redoing that stage.")
-        path.unlink(missing_ok=True)
-        side.unlink(missing_ok=True)
+        if distributed.is_main():
+            path.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
         return None
-    if recorded is None:  # written before checksums were recorded: it loads, so record it now
+    if recorded is None and distributed.is_main():  # written before checksums were recorded: it loads, so record it now
         side.write_text(json.dumps(_digest(path)))
     return obj
 
 
 def remove(path: Path) -> None:
-    """Delete a cached file and its checksum (a finished stage's resume state)."""
+    """Delete a cached file and its checksum (a finished stage's resume state); rank 0 alone under torchrun."""
+    if not distributed.is_main():
+        return
     Path(path).unlink(missing_ok=True)
     _sidecar(Path(path)).unlink(missing_ok=True)
 

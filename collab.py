@@ -61,6 +61,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 import cache
+import distributed
 from batches import length_bucketed_batches
 from data import Dataset, Split
 from metrics import ranking_metrics
@@ -402,7 +403,8 @@ def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, devic
     model = SASRec(ds.n_items, cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))  # SASRec's settings
-    gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and negatives
+    # shuffling and negatives, drawn for the whole batch: the same on every rank under torchrun
+    gen = torch.Generator().manual_seed(cfg.seed)
     log(f"[stage] collaborative model (SASRec): {n_params / 1e6:.2f}M parameters, {len(users):,} training "
         f"sequences, {int((pos >= 0).sum()):,} positions, device {device}")
 
@@ -413,10 +415,13 @@ def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, devic
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["opt"])
         gen.set_state(resume["gen"])
-        cache.set_rng_state(resume["rng"])
+        cache.set_rng_state(distributed.own(resume, "rng"))
         best, bad_epochs, t_train, epoch = resume["best"], resume["bad_epochs"], resume["t_train"], resume["epoch"]
         start = epoch + 1
         log(f"[resume] collaborative model continues after epoch {epoch} of {cfg.epochs} ({resume_path})")
+    else:
+        distributed.reseed_rank_streams(cfg.seed)  # torchrun: each rank its own dropout masks (a resumed rank has its own back)
+    compute = distributed.ddp([model])  # torchrun: backward all-reduces the gradients
     for epoch in range(start, cfg.epochs + 1):
         model.train()
         t0 = time.time()
@@ -424,7 +429,7 @@ def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, devic
             batches = length_bucketed_batches(seq_len, cfg.batch_size, gen)
         else:
             batches = torch.randperm(len(users), generator=gen).split(cfg.batch_size)
-        bar = tqdm(batches, desc=f"cm epoch {epoch}/{cfg.epochs}", leave=False)
+        bar = tqdm(batches, desc=f"cm epoch {epoch}/{cfg.epochs}", leave=False, disable=not distributed.is_main())
         loss_sum, n_pos = 0.0, 0  # the epoch's mean loss per position (a bucketed batch's own loss swings with its length)
         for b in bar:
             neg = None
@@ -436,19 +441,26 @@ def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, devic
                 seen = torch.zeros(len(b), ds.n_items, dtype=torch.bool)
                 seen[rows, seen_flat[torch.repeat_interleave(seen_start[b], lens) + offsets]] = True
                 neg = _sample_negatives(pos[b], seen, ds.n_items, gen).to(device)  # (B, S)
+            # torchrun: this rank's users of the batch (all of them in one process); the negatives
+            # above were drawn for the whole batch, so every rank's generator stays in step
+            n_all = int((pos[b] >= 0).sum())
+            rows = distributed.shard(torch.arange(len(b)))
+            b, neg = b[rows], (neg[rows] if neg is not None else None)
             # trim the padding columns no user of this batch needs (left-padded: the left ones)
             width = int((seq[b] >= 0).sum(1).max().clamp_min(1))
             s, p = seq[b, -width:].to(device), pos[b, -width:].to(device)
             neg = neg[:, -width:] if neg is not None else None
             real = p >= 0  # (B, S) positions that have a next item
+            w = distributed.share(int(real.sum()), n_all)  # the mean over this rank's positions -> the batch's
             if cfg.bucket:
                 # A bucketed batch of short sequences has few positions: the sum over them divided by the
                 # mean positions per batch gives every position the weight a random batch's mean gives it.
-                loss = cm_loss(model, model.encode(s), p, real, cfg, neg, gen, s, reduction="sum") / positions_per_batch
+                loss = compute(lambda: cm_loss(model, model.encode(s), p, real, cfg, neg, gen, s, reduction="sum")) / positions_per_batch
+                w = 1.0 if w == 1.0 else distributed.world()  # a sum: DDP's average of the ranks' sums, times N
             else:
-                loss = cm_loss(model, model.encode(s), p, real, cfg, neg, gen, s)
+                loss = compute(lambda: cm_loss(model, model.encode(s), p, real, cfg, neg, gen, s))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * w).backward()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite CM loss at epoch {epoch}: {loss.item()}")
             opt.step()
@@ -473,7 +485,7 @@ def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, devic
                 break
         if resume_path is not None and epoch < cfg.epochs:
             cache.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                        "rng": cache.rng_state(), "best": best, "bad_epochs": bad_epochs, "t_train": t_train,
+                        "rng": cache.rng_state(), "ranks": distributed.gather({"rng": cache.rng_state()}), "best": best, "bad_epochs": bad_epochs, "t_train": t_train,
                         "epoch": epoch, "identity": None}, resume_path)
 
     model.load_state_dict(best["state"])
@@ -502,7 +514,7 @@ def cm_key(ds: Dataset, cfg: CollabConfig) -> str:
     for late in CM_ADDED_LATER:  # added later: at their defaults the key of a CM cached before them is unchanged
         if not getattr(cfg, late):
             del trained_by[late]
-    blob = json.dumps([ds.name, ds.n_items, trained_by, seqs], sort_keys=True)
+    blob = json.dumps([ds.name, ds.n_items, trained_by, seqs, *distributed.key()], sort_keys=True)  # key(): [] for one process
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -524,6 +536,7 @@ def load_or_train(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, out_
     # atomic, with its size and checksum recorded (cache.py)
     cache.save({"model": model.state_dict(), "model_args": model.model_args(), "info": info}, path)
     cache.remove(path.parent / "resume.pt")
+    distributed.barrier()  # torchrun: no rank goes on before rank 0 has saved it
     return model, info
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import collab
+import distributed
 import results
 from baselines import BaselineConfig
 from collab import CollabConfig
@@ -305,17 +306,23 @@ def run_dir(cfg: Config) -> Path:
 
 def finished(cfg: Config) -> bool:
     """Whether the run of cfg has finished earlier with this very configuration: its metrics.json
-    exists and its config.json equals cfg (fields added since it ran count as their defaults)."""
+    exists, its config.json equals cfg (fields added since it ran count as their defaults) and it
+    ran on as many processes (torchrun) as this one."""
     d = run_dir(cfg)
     if not (d / "metrics.json").exists() or not (d / "config.json").exists():
         return False
     try:
         done = config_from_dict(json.loads((d / "config.json").read_text()))
+        world = json.loads((d / "metrics.json").read_text()).get("world_size", 1)
     except json.JSONDecodeError:
         return False
-    return run_identity(done) == run_identity(cfg)
+    return run_identity(done) == run_identity(cfg) and world == distributed.world()
 
 
 def run_identity(cfg: Config) -> dict:
-    """What makes a run's result: its config, not who asked for it or how fast it ran."""
-    return json.loads(json.dumps({**asdict(cfg), "train": train_settings(cfg.train, NOT_RUN_SETTINGS)}))
+    """What makes a run's result: its config (and, under torchrun, the number of processes:
+    distributed.key), not who asked for it or how fast it ran."""
+    identity = {**asdict(cfg), "train": train_settings(cfg.train, NOT_RUN_SETTINGS)}
+    for part in distributed.key():  # [] for one process: its identity is unchanged
+        identity.update(part)
+    return json.loads(json.dumps(identity))

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data as data_mod
+import distributed
 from batches import trim
 from data import Split
 from metrics import ranking_metrics
@@ -24,7 +25,8 @@ def recommend(model, t: dict, cfg, idx: torch.Tensor | None = None, desc: str = 
     """Beam-search top-k lists for the samples `idx` (default all): items (N, k), log-probs (N, k).
 
     model: a gflowgr.GRModel; t: batches.to_tensors of a split; cfg: anything with beam, topk
-    and eval_batch (config.TrainConfig).
+    and eval_batch (config.TrainConfig). Under torchrun every rank searches its share of the
+    chunks and every rank gets all lists (a collective: all ranks must call it).
     """
     model.eval()
     n = len(t["target"])
@@ -35,11 +37,15 @@ def recommend(model, t: dict, cfg, idx: torch.Tensor | None = None, desc: str = 
     scores = torch.empty(len(idx), cfg.topk)
     pos = torch.empty(n, dtype=torch.long)
     pos[idx] = torch.arange(len(idx))  # where sample idx[j] goes in the output: row j
-    for chunk in tqdm(order.split(cfg.eval_batch), desc=desc, leave=False):
+    rows = {}  # chunk index -> its lists; under torchrun each rank searches its own chunks (distributed.chunks)
+    for i, chunk in tqdm(distributed.chunks(order, cfg.eval_batch), desc=desc, leave=False, disable=not distributed.is_main()):
         hl = t["hist_len"][chunk]
         it, sc = model.beam_search(trim(t["hist"][chunk], hl), hl, beam=cfg.beam, topk=cfg.topk)
-        items[pos[chunk]] = it.cpu()
-        scores[pos[chunk]] = sc.cpu()
+        rows[i] = (it.cpu(), sc.cpu())
+    for i, (it, sc) in distributed.gather_rows(rows).items():
+        chunk = order[i * cfg.eval_batch : (i + 1) * cfg.eval_batch]
+        items[pos[chunk]] = it
+        scores[pos[chunk]] = sc
     return items, scores
 
 

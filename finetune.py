@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cache
+import distributed
 from baselines import BASELINES, Baseline
 from batches import length_bucketed_batches, trim
 from data import DataError
@@ -287,7 +288,8 @@ class Preference(Method):
             return items
 
         self.baseline = Baseline(name, model, copy.deepcopy(model).eval(), cm, sampler, cfg.bl, tuple(ft.reward.split(",")),
-                                 None if ft.rsim_dedup else cfg.tok.levels, len(train_t["target"]), propose, seed=t.seed)
+                                 None if ft.rsim_dedup else cfg.tok.levels, len(train_t["target"]), propose,
+                                 seed=distributed.rank_seed(t.seed))  # per-sample draws: each rank its own stream
         for p in self.baseline.parameters():
             p.data = p.data.to(train_t["target"].device)
         self.inner_steps = self.baseline.inner_steps
@@ -349,7 +351,9 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str,
     # at the same point; saved with every checkpoint); only GFlowGR trains them
     heads = GFlowNetHeads(cfg.model.d_model, ft.log_z).to(device)
     cls = METHODS[method]
-    sampler = TrajectorySampler(cm, model.item_codes.shape[0], cfg.sampler, seed=t.seed) if cls.needs_sampler(method) else None
+    # torchrun: the sampler draws per sample, so each rank has its own stream (distributed.rank_seed)
+    sampler = (TrajectorySampler(cm, model.item_codes.shape[0], cfg.sampler, seed=distributed.rank_seed(t.seed))
+               if cls.needs_sampler(method) else None)
     m = cls(method, model, heads, cm, sampler, cfg, train_t)
     extra_params = m.parameters()
     # the method's own parameters (log Z / log F heads, PPO's value head) get their own, larger learning rate
@@ -361,7 +365,7 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str,
     warm = m.warmup
     # the backbone's learning rate is 0 during the warm-up; the extra parameters train throughout
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: float(s >= warm), lambda s: 1.0][: len(groups)])
-    gen = torch.Generator().manual_seed(t.seed + 1)
+    gen = torch.Generator().manual_seed(t.seed + 1)  # the batch order: the same on every rank under torchrun
     n_batches = math.ceil(len(train_t["target"]) / t.batch_size)
     total = ft.ft_epochs * n_batches
     if warm >= total:
@@ -380,43 +384,53 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str,
     if resume is not None:
         model.load_state_dict(resume["model"])
         heads.load_state_dict(resume["heads"])
-        m.load_state(resume.get("method", resume.get("baseline")))  # 'baseline': resume files written before finetune.py
+        # every rank's own random streams (torchrun; distributed.own), else the state's
+        m.load_state(resume.get("method", resume.get("baseline")) if resume.get("ranks") is None  # 'baseline': before finetune.py
+                     else distributed.own(resume, "method"))
         if sampler is not None:
-            sampler.gen.set_state(resume["sampler_gen"])
+            sampler.gen.set_state(distributed.own(resume, "sampler_gen"))
         opt.load_state_dict(resume["opt"])
         sched.load_state_dict(resume["sched"])
         gen.set_state(resume["gen"])
-        cache.set_rng_state(resume["rng"])
+        cache.set_rng_state(distributed.own(resume, "rng"))
         best, step, t_train, n_seen, start = (resume[k] for k in ("best", "step", "t_train", "n_seen", "epoch"))
         log(f"[resume] {method} continues after epoch {start} of {ft.ft_epochs} ({resume_path})")
     else:
         m.start(train_t)
+        distributed.reseed_rank_streams(t.seed)  # torchrun: each rank its own dropout masks
+    # torchrun: DDP over the backbone and the method's own parameters (log Z / log F heads, PPO's
+    # value head), built once every rank holds the same values; backward all-reduces their gradients
+    compute = distributed.ddp([model], extra_params)
     for epoch in range(start, ft.ft_epochs):
         m.start_epoch(epoch, train_t)
         model.train()
         heads.train()
         t0 = time.time()
-        bar = tqdm(length_bucketed_batches(train_t["hist_len"].cpu(), t.batch_size, gen), desc=f"{method} epoch {epoch + 1}/{ft.ft_epochs}", leave=False)
-        for b in bar:
-            b = b.to(device)
+        bar = tqdm(length_bucketed_batches(train_t["hist_len"].cpu(), t.batch_size, gen), desc=f"{method} epoch {epoch + 1}/{ft.ft_epochs}",
+                   leave=False, disable=not distributed.is_main())
+        for b_all in bar:
+            b = distributed.shard(b_all).to(device)  # this rank's rows of the batch (all of it in one process)
+            w = distributed.share(len(b), len(b_all))
             hl = train_t["hist_len"][b]
             hist, target = trim(train_t["hist"][b], hl), train_t["target"][b]
             progress = step / max(1, total - 1)  # the sampler's curriculum position, 0 -> 1 over the run
             logged = (step + 1) % 20 == 0 or step == 0  # this step's numbers go into metrics.jsonl
             for inner in range(m.inner_steps):
-                out = m.loss(b, hist, hl, target, progress, inner)
-                grads = grad_norms(out.terms, params) if logged and out.terms else {}
+                out = compute(m.loss, b, hist, hl, target, progress, inner)
+                grads = grad_norms(out.terms, params) if logged and out.terms else {}  # this rank's share's
                 opt.zero_grad(set_to_none=True)
-                out.value.backward()
+                (out.value * w).backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
                 check_finite(step, out.value, out.parts, grad_norm)
                 opt.step()
             sched.step()
             step += 1
-            n_seen += len(b)
+            n_seen += len(b_all)
             if logged:
-                # charts/clipped: 1 when clipping at norm 1 scaled this step down (grad/total > 1)
-                row = {k: float(v) for k, v in out.parts.items()} | out.stats | grads | {
+                # charts/clipped: 1 when clipping at norm 1 scaled this step down (grad/total > 1);
+                # torchrun: the loss terms are the global batch's, stats and gradient norms rank 0's share's
+                parts = {k: distributed.batch_mean(torch.as_tensor(v, dtype=torch.float64), w) for k, v in out.parts.items()}
+                row = {k: float(v) for k, v in parts.items()} | out.stats | grads | {
                     "grad/total": float(grad_norm), "charts/clipped": float(grad_norm > 1.0)}
                 bar.set_postfix(loss=f"{out.value.item():.3f}",
                                 **({"log_z": f"{out.stats['gfn/log_z']:.2f}"} if "gfn/log_z" in out.stats else {}))
@@ -433,9 +447,10 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str,
             best = {"ndcg@10": val["ndcg@10"], "epoch": epoch + 1, "step": step,
                     "state": copy.deepcopy(model.state_dict()), "heads": copy.deepcopy(heads.state_dict())}
         if resume_path is not None and epoch + 1 < ft.ft_epochs:
-            cache.save({"model": model.state_dict(), "heads": heads.state_dict(), "method": m.state(),
-                        "sampler_gen": sampler.gen.get_state() if sampler is not None else None,
-                        "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(), "rng": cache.rng_state(),
+            streams = {"method": m.state(), "sampler_gen": sampler.gen.get_state() if sampler is not None else None,
+                       "rng": cache.rng_state()}  # per rank under torchrun
+            cache.save({"model": model.state_dict(), "heads": heads.state_dict(), **streams, "ranks": distributed.gather(streams),
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
                         "best": best, "step": step, "t_train": t_train, "n_seen": n_seen, "epoch": epoch + 1,
                         "log_bytes": logger.tell(), "identity": identity}, resume_path)
     model.load_state_dict(best["state"])

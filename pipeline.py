@@ -28,6 +28,7 @@ import torch
 import cache
 import collab
 import data as data_mod
+import distributed
 import results
 from batches import to_tensors
 from config import TABLE_BASELINES, TABLE_GFLOWGR, TABLE_METHODS, Config, finalize, finished, run_dir, run_identity
@@ -48,7 +49,7 @@ def run(cfg: Config, log=print) -> dict:
     timing, t_start = {}, time.time()
 
     t0 = time.time()
-    ds = data_mod.load_dataset(cfg.data, verbose=True)
+    ds = distributed.main_first(lambda: data_mod.load_dataset(cfg.data, verbose=True))  # torchrun: rank 0 may write Beauty's files
     splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
     timing["data_s"] = time.time() - t0
     log(f"split: {len(splits['train']):,} train / {len(splits['valid']):,} valid / {len(splits['test']):,} test samples")
@@ -58,7 +59,8 @@ def run(cfg: Config, log=print) -> dict:
         cm, _ = collab.load_or_train(ds, splits, cfg.cm, Path(t.out) / ds.name, device, log)
         cf_emb = cm.item_emb.weight[: len(ds.titles)].detach().cpu()
     t0 = time.time()
-    trie, tok_report, ids_key = semantic_ids(ds, cfg, log, cf_emb)
+    # torchrun: rank 0 builds (or loads) the IDs, then the others load them from its cache
+    trie, tok_report, ids_key = distributed.main_first(lambda: semantic_ids(ds, cfg, log, cf_emb))
     timing["semantic_ids_s"] = time.time() - t0
 
     t0 = time.time()
@@ -74,9 +76,10 @@ def run(cfg: Config, log=print) -> dict:
     if t.method == "sft":
         result.update(test=sft_ev["test"], valid=sft_ev["valid"])
         ckpt_src, inspect = stage / "checkpoint.pt", None
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(stage / "metrics.jsonl", out_dir / "metrics.jsonl.tmp")
-        os.replace(out_dir / "metrics.jsonl.tmp", out_dir / "metrics.jsonl")
+        if distributed.is_main():  # torchrun: rank 0 alone writes
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(stage / "metrics.jsonl", out_dir / "metrics.jsonl.tmp")
+            os.replace(out_dir / "metrics.jsonl.tmp", out_dir / "metrics.jsonl")
     else:
         t0 = time.time()
         cm, cm_info = collab.load_or_train(ds, splits, cfg.cm, Path(t.out) / ds.name, device, log)
@@ -101,13 +104,13 @@ def run(cfg: Config, log=print) -> dict:
         inspect = build_inspect(sft_model, model, heads, cm, sampler, tensors["test"], cfg, t.method, ds)
         ckpt_src = None
     timing["total_s"] = time.time() - t_start
-    result.update(timing=timing, peak_memory_mb=peak_memory_mb())
+    result.update(timing=timing, peak_memory_mb=peak_memory_mb(), world_size=distributed.world())
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     cache.atomic_write_json(asdict(cfg), out_dir / "config.json")
     if ckpt_src is not None:
-        shutil.copyfile(ckpt_src, out_dir / "checkpoint.pt.tmp")
-        os.replace(out_dir / "checkpoint.pt.tmp", out_dir / "checkpoint.pt")
+        if distributed.is_main():  # torchrun: rank 0 alone writes
+            shutil.copyfile(ckpt_src, out_dir / "checkpoint.pt.tmp")
+            os.replace(out_dir / "checkpoint.pt.tmp", out_dir / "checkpoint.pt")
     else:
         cache.save({"model": model.state_dict(), "model_args": model.model_args(), "heads": heads.state_dict(),
                     "heads_args": {"d_model": cfg.model.d_model, "log_z": cfg.ft.log_z}, "step": ft_info["step"],
@@ -116,6 +119,7 @@ def run(cfg: Config, log=print) -> dict:
         cache.atomic_write_json(inspect, out_dir / "inspect.json")
     cache.atomic_write_json(result, out_dir / "metrics.json")
     cache.remove(out_dir / "resume.pt")  # finished: nothing to resume
+    distributed.barrier()  # torchrun: every rank ends the run after rank 0 has written it
 
     log("\n" + format_table([(split, name, m[split]) for split in ("test", "valid") for name, m in rows.items()]))
     log(f"\nrun folder: {out_dir}   total {timing['total_s']:.0f}s")
@@ -154,6 +158,7 @@ def run_table(cfg: Config, log=print) -> dict:
                                 reference=[m for m in values if m not in (*TABLE_BASELINES, *TABLE_GFLOWGR)])
     summary["missing"] = got["missing"]
     out = Path("results") if t.out == "runs" else Path(t.out) / "results"
-    md, js = results.write(summary, out, cfg.data.dataset, t.backbone)
-    log("\n" + md.read_text() + f"\nwritten: {md}, {js}")
+    if distributed.is_main():  # torchrun: rank 0 alone writes
+        md, js = results.write(summary, out, cfg.data.dataset, t.backbone)
+        log("\n" + md.read_text() + f"\nwritten: {md}, {js}")
     return summary

@@ -11,12 +11,15 @@ Usage: `set_seed(42); logger = JsonlLogger(path); logger.log(step=1, **{"loss/gr
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 from pathlib import Path
 
 import numpy as np
 import torch
+
+import distributed
 
 
 def set_seed(seed: int) -> None:
@@ -42,9 +45,13 @@ class JsonlLogger:
     """Append training curves to metrics.jsonl, one JSON object per line, keys grouped by prefix."""
 
     def __init__(self, path: Path, resume_bytes: int | None = None):
-        """resume_bytes: continue an interrupted run's file, cut back to its length at the checkpoint."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """resume_bytes: continue an interrupted run's file, cut back to its length at the checkpoint.
+        Under torchrun rank 0 alone writes; the other ranks' loggers write nowhere."""
         self.path = path
+        if not distributed.is_main():
+            self.f = open(os.devnull, "w")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
         if resume_bytes is not None and path.exists():
             self.f = open(path, "r+")
             self.f.truncate(resume_bytes)
@@ -58,11 +65,13 @@ class JsonlLogger:
 
     def restart(self) -> None:
         """Empty the file: the run starts afresh after all (its resume state was refused)."""
+        if not distributed.is_main():
+            return
         self.f.seek(0)
         self.f.truncate(0)
 
     def tell(self) -> int:
-        return self.f.tell()
+        return self.f.tell() if distributed.is_main() else 0
 
     def close(self) -> None:
         self.f.close()

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cache
+import distributed
 from batches import length_bucketed_batches, trim
 from evaluation import evaluate
 from gflowgr import GRModel
@@ -54,7 +55,7 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg, logger: JsonlLo
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the batch order: the same on every rank under torchrun
     n_valid = len(valid_t["target"])
     eval_idx = None
     if 0 < cfg.eval_users < n_valid:  # fixed subsample, the same for every epoch
@@ -66,14 +67,18 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg, logger: JsonlLo
         opt.load_state_dict(resume["opt"])
         sched.load_state_dict(resume["sched"])
         gen.set_state(resume["gen"])
-        cache.set_rng_state(resume["rng"])
+        cache.set_rng_state(distributed.own(resume, "rng"))
         best, step, bad, t_train, n_seen, start = (resume[k] for k in ("best", "step", "bad", "t_train", "n_seen", "epoch"))
         log(f"[resume] SFT continues after epoch {start} of {cfg.epochs} ({resume_path})")
+    else:
+        distributed.reseed_rank_streams(cfg.seed)  # torchrun: each rank its own dropout masks (a resumed rank has its own back)
+    compute = distributed.ddp([model])  # torchrun: backward all-reduces the gradients
 
     def save_state(epoch):  # after epoch (0-based) ends, unless it is the last
         if resume_path is not None and epoch + 1 < cfg.epochs:
+            ranks = distributed.gather({"rng": cache.rng_state()})  # torchrun: every rank's own streams
             cache.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "gen": gen.get_state(), "rng": cache.rng_state(), "best": best, "step": step, "bad": bad,
+                        "gen": gen.get_state(), "rng": cache.rng_state(), "ranks": ranks, "best": best, "step": step, "bad": bad,
                         "t_train": t_train, "n_seen": n_seen, "epoch": epoch + 1, "log_bytes": logger.tell(),
                         "identity": None}, resume_path)  # the stage folder's key is the identity
 
@@ -81,13 +86,15 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg, logger: JsonlLo
     for epoch in range(start, cfg.epochs):
         model.train()
         t0 = time.time()
-        bar = tqdm(length_bucketed_batches(train_t["hist_len"].cpu(), cfg.batch_size, gen), desc=f"sft epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = tqdm(length_bucketed_batches(train_t["hist_len"].cpu(), cfg.batch_size, gen), desc=f"sft epoch {epoch + 1}/{cfg.epochs}",
+                   leave=False, disable=not distributed.is_main())
         run_loss = None
         for b in bar:
-            b = b.to(train_t["target"].device)
-            hl = train_t["hist_len"][b]
-            log_pf, _ = model(trim(train_t["hist"][b], hl), hl, train_t["target"][b])
-            loss = gr_loss(log_pf)
+            mine = distributed.shard(b).to(train_t["target"].device)  # this rank's rows of the batch (all of it in one process)
+            w = distributed.share(len(mine), len(b))
+            hl = train_t["hist_len"][mine]
+            log_pf, _ = compute(model, trim(train_t["hist"][mine], hl), hl, train_t["target"][mine])  # (B, L)
+            loss = gr_loss(log_pf) * w
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -96,7 +103,8 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg, logger: JsonlLo
             sched.step()
             step += 1
             n_seen += len(b)
-            run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+            batch_loss = distributed.batch_mean(loss.detach(), 1.0).item()  # the global batch's L_GR
+            run_loss = batch_loss if run_loss is None else 0.98 * run_loss + 0.02 * batch_loss
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{run_loss:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
                 logger.log(step=step, epoch=epoch, **{"loss/gr": run_loss, "charts/lr": sched.get_last_lr()[0]})

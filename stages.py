@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import cache
+import distributed
 from batches import to_tensors
 from config import NOT_SFT_SETTINGS, Config, train_settings
 from evaluation import evaluate
@@ -79,7 +80,7 @@ def sft_key(ds, ids_key: str, cfg: Config) -> str:
     """The SFT stage's key: the IDs, the data, the backbone's config and the TrainConfig fields
     that change the SFT model (not the method, seeds, device, threads, study, tag, ...)."""
     return cache.stage_key(ids_key, cache.fingerprint(ds.sequences), asdict(cfg.model),
-                           train_settings(cfg.train, NOT_SFT_SETTINGS))
+                           train_settings(cfg.train, NOT_SFT_SETTINGS), *distributed.key())  # key(): [] for one process
 
 
 def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) -> tuple[GRModel, dict, Path]:
@@ -108,6 +109,7 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
     cache.save({"model": model.state_dict(), "model_args": model.model_args(), "step": info["step"],
                 "config": asdict(cfg), "info": info}, ckpt_path)
     cache.remove(resume_path)
+    distributed.barrier()  # torchrun: no rank goes on before rank 0 has saved it
     return model, info, stage
 
 

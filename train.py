@@ -4,6 +4,7 @@
     python train.py --dataset beauty --method sft       one run of any method (config.METHODS)
     python train.py --dataset beauty --method all --seeds 42 43 44    Table 1 with t-tests (pipeline.run_table)
     python train.py --dataset beauty --study ablation   an analysis study (experiments.py)
+    torchrun --standalone --nproc_per_node 2 train.py --dataset toy    the same on 2 processes (distributed.py)
 
 Every flag is a field of config.Config (`python train.py --help`); a data set's preset fills
 what the flags leave out. Where the code for each part lives: README, "Reading guide".
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import sys
 
+import distributed
 import experiments
 import pipeline
 from config import Config, finalize, parse_config
@@ -22,7 +24,9 @@ from data import DataError
 
 def main(cfg: Config, log=print) -> dict:
     """What the command line does with cfg: a study, Table 1's runs, or one run. Returns the
-    study's or table's summary, or the run's metrics (its metrics.json)."""
+    study's or table's summary, or the run's metrics (its metrics.json). Under torchrun the
+    process group is joined first (distributed.py); without it nothing changes."""
+    distributed.init(cfg)
     if cfg.train.study:
         return experiments.run_study(cfg, log)
     if cfg.train.method == "all" or cfg.train.seeds:
@@ -33,8 +37,10 @@ def main(cfg: Config, log=print) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     try:
         main(parse_config(argv))
+        distributed.close()
     except (DataError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.is_main():  # torchrun: one message, not one per process
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # An object half built when the Ctrl-C landed (a tqdm bar, say) can fail in its __del__
