@@ -384,9 +384,8 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str,
     if resume is not None:
         model.load_state_dict(resume["model"])
         heads.load_state_dict(resume["heads"])
-        # every rank's own random streams (torchrun; distributed.own), else the state's
-        m.load_state(resume.get("method", resume.get("baseline")) if resume.get("ranks") is None  # 'baseline': before finetune.py
-                     else distributed.own(resume, "method"))
+        # this rank's own random streams (distributed.own); 'baseline': resume files written before finetune.py
+        m.load_state(distributed.own(resume, "method") if "method" in resume else resume["baseline"])
         if sampler is not None:
             sampler.gen.set_state(distributed.own(resume, "sampler_gen"))
         opt.load_state_dict(resume["opt"])
