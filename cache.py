@@ -65,24 +65,35 @@ def _digest(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
 def save(obj, path: Path) -> None:
-    """torch.save to a temporary file, rename it into place, then record its size and checksum.
-    Under torchrun rank 0 alone writes (distributed.py)."""
+    """torch.save to a temporary file, write its size and checksum beside it, then rename both
+    into place. Under torchrun rank 0 alone writes (distributed.py).
+
+    The two renames cannot be one atomic step: a process killed between them leaves the new
+    file with the previous checksum, and the new checksum still in `<name>.sha256.tmp`; `load`
+    accepts the file when that one matches, so a kill at any moment keeps the last whole save.
+    """
     if not distributed.is_main():
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
-    digest = _digest(tmp)
-    os.replace(tmp, path)
     side = _sidecar(path)
     side_tmp = side.with_name(side.name + ".tmp")
-    side_tmp.write_text(json.dumps(digest))
+    side_tmp.write_text(json.dumps(_digest(tmp)))
+    os.replace(tmp, path)
     os.replace(side_tmp, side)
 
 
@@ -105,6 +116,11 @@ def load(path: Path, what: str, log=print, map_location=None, trusted: bool = Fa
             problem = f"its checksum file {side.name} is unreadable"
     if recorded is not None:
         got = _digest(path)
+        pending = side.with_name(side.name + ".tmp")  # killed between save's two renames (see save)
+        if got != recorded and pending.exists() and _read_json(pending) == got:
+            recorded = got
+            if distributed.is_main():
+                os.replace(pending, side)
         if got["size"] != recorded.get("size"):
             problem = f"{got['size']:,} bytes where {recorded.get('size'):,} were written (truncated?)"
         elif got["sha256"] != recorded.get("sha256"):
@@ -120,6 +136,7 @@ def load(path: Path, what: str, log=print, map_location=None, trusted: bool = Fa
         if distributed.is_main():
             path.unlink(missing_ok=True)
             side.unlink(missing_ok=True)
+            side.with_name(side.name + ".tmp").unlink(missing_ok=True)
         return None
     if recorded is None and distributed.is_main():  # written before checksums were recorded: it loads, so record it now
         side.write_text(json.dumps(_digest(path)))

@@ -1,6 +1,9 @@
 """Stage cache files (cache.py): keys, atomic writes, checksums; old files without a checksum still load."""
 import json
+import os
+from pathlib import Path
 
+import pytest
 import torch
 
 import cache
@@ -31,6 +34,29 @@ def test_save_records_the_checksum_and_load_refuses_a_changed_file(tmp_path):
     lines = []
     assert cache.load(path, "x", lines.append) is None and not path.exists()
     assert "SHA-256" in lines[0]
+
+
+def test_a_kill_between_the_two_renames_keeps_the_new_save(tmp_path, monkeypatch):
+    """save renames the file, then its checksum: killed in between, the new file sits beside the
+    previous save's checksum; load must take it (the per-epoch resume state of a killed run)."""
+    path = tmp_path / "x.pt"
+    cache.save({"epoch": 1}, path)
+    real = os.replace
+    def killed_after_the_file(src, dst):
+        real(src, dst)
+        if Path(dst) == path:
+            raise KeyboardInterrupt  # stands for SIGKILL: nothing after this line runs
+    monkeypatch.setattr(cache.os, "replace", killed_after_the_file)
+    with pytest.raises(KeyboardInterrupt):
+        cache.save({"epoch": 2}, path)
+    monkeypatch.setattr(cache.os, "replace", real)
+    assert json.loads((tmp_path / "x.pt.sha256").read_text()) != cache._digest(path)  # the old checksum
+    lines = []
+    assert cache.load(path, "x", lines.append, trusted=True) == {"epoch": 2} and lines == []
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["x.pt", "x.pt.sha256"]  # the rename completed
+    # a file that matches neither checksum is still refused
+    path.write_bytes(path.read_bytes()[:-3])
+    assert cache.load(path, "x", lines.append) is None and "truncated" in lines[0]
 
 
 def test_cache_accepts_old_files_without_checksum(tmp_path):
