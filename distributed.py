@@ -191,8 +191,9 @@ def ddp(modules: list[nn.Module], params: list[nn.Parameter] = ()):
 
     Built after every rank has set its parameters (DDP copies rank 0's to the others once).
     find_unused_parameters: a method may leave some parameters out of a loss (the log Z head
-    under --log-z vargrad, log F under TB); broadcast_buffers off: the buffers (item codes, the
-    trie) never change.
+    under --log-z vargrad, log F under TB); forward_sync_buffers off: the buffers (item codes,
+    the trie) are the same on every rank and never change, so DDP's copy of rank 0's at
+    construction is the only sync they need.
     """
     if world() == 1:
         return lambda loss_fn, *args: loss_fn(*args)
@@ -200,7 +201,7 @@ def ddp(modules: list[nn.Module], params: list[nn.Parameter] = ()):
     module = Trainable(modules, [p for p in params if id(p) not in own])
     dev = next(module.parameters()).device
     return nn.parallel.DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                               find_unused_parameters=True, broadcast_buffers=False)
+                                               find_unused_parameters=True, forward_sync_buffers=False)
 
 
 # ------------------------------------------------------------------------------ gathering
