@@ -292,6 +292,47 @@ class SASRec(nn.Module):
         return full
 
 
+class TasteOracle:
+    """A control, not a CM: the toy world's truth as the reward model (`--oracle-reward`, toy only).
+
+    The toy world (data.make_toy) makes each user like the items of one or two taste clusters
+    and lets exposure decide which of them get observed. Given a history, the best any model
+    can know is which clusters it shows, so here
+        r_c(v, U) = 1 if v's cluster is a cluster of U's history and v is not in the history, else 0,
+    for the curriculum, the candidates (`--candidates cm`: the clusters' items first) and Sec.
+    3.2's reward alike. A learned CM only approximates this; a GFlowGR run with it tells what
+    fine-tuning gains when the reward knows the hidden preferences (BENCHMARKS.md, issue 14).
+    The interface is the part of SASRec that fine-tuning reads: `cfg`, `score`, `full_scores`.
+    """
+
+    def __init__(self, item_cluster: np.ndarray, cfg: CollabConfig):
+        self.cluster = torch.as_tensor(item_cluster, dtype=torch.long)  # (n_items,)
+        self.n_items, self.cfg = len(self.cluster), cfg
+
+    def to(self, device):
+        self.cluster = self.cluster.to(device)
+        return self
+
+    def eval(self):
+        return self
+
+    @torch.no_grad()
+    def full_scores(self, hist: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
+        """r_c of every item, (B, n_items): 1 for the unseen items of the history's clusters, else 0."""
+        n_clusters = int(self.cluster.max()) + 1
+        shown = torch.zeros(len(hist), n_clusters + 1, dtype=torch.bool, device=hist.device)  # +1: padding's column
+        shown.scatter_(1, torch.where(hist >= 0, self.cluster[hist.clamp_min(0)], n_clusters), True)
+        liked = shown[:, self.cluster]  # (B, n_items)
+        return (liked & ~seen_mask(hist, self.n_items)).float()
+
+    @torch.no_grad()
+    def score(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor,
+              full: torch.Tensor | None = None) -> torch.Tensor:
+        """r_c in {0, 1} for items (B, M) -> (B, M) (already in [0, 1]: no --cm-score mapping)."""
+        full = self.full_scores(hist, hist_len) if full is None else full
+        return full.gather(1, items)
+
+
 # ----------------------------------------------------------------------------- training
 
 

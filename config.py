@@ -49,7 +49,7 @@ STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-
 # ablation never overwrites the full model and identical configs share one run.
 VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"), ("sampler.K", "K{}"),
                   ("ft.weight", "no-weight"), ("ft.lam", "lambda{}"),
-                  ("sampler.aug_history", "hist{}"), ("ft.reward_floor", "floor{}"))
+                  ("sampler.aug_history", "hist{}"), ("ft.reward_floor", "floor{}"), ("ft.oracle_reward", "oracle"))
 
 
 @dataclass
@@ -254,6 +254,13 @@ def finalize(cfg: Config) -> Config:
     terms = [x for x in ft.reward.split(",") if x]
     if not terms or set(terms) - set(REWARD_TERMS):
         raise DataError(f"--reward must be a comma-separated subset of {','.join(REWARD_TERMS)} (got {ft.reward!r})")
+    if ft.oracle_reward and cfg.data.dataset != "toy":
+        raise DataError(f"--oracle-reward reads the toy world's true taste clusters: use --dataset toy "
+                        f"({cfg.data.dataset} records only what users were exposed to)")
+    if ft.oracle_reward and (t.method not in OBJECTIVE or t.study):
+        raise DataError(f"--oracle-reward replaces GFlowGR's reward in one run: use it with --method gflowgr-tb or "
+                        f"gflowgr-db and no --study (got --method {t.method}{' --study ' + t.study if t.study else ''}; "
+                        f"--study exposure has its own oracle row)")
     if ft.log_z not in LOG_Z_FORMS:
         raise DataError(f"--log-z must be one of {', '.join(LOG_Z_FORMS)} (got {ft.log_z!r})")
     if ft.log_z == "vargrad" and (sp.K == 0 or sp.sampler == "none") and t.method == "gflowgr-tb":

@@ -93,6 +93,7 @@ class Dataset:
     # and the exposure propensity that decided which of them got observed.
     true_prefs: list[list[int]] | None = None
     item_pop_weight: np.ndarray | None = None
+    item_cluster: np.ndarray | None = None  # the taste cluster of each item (collab.TasteOracle)
 
     def __post_init__(self) -> None:
         if len(self.titles) != len(self.attributes):
@@ -612,7 +613,7 @@ def make_toy(n_users: int = 400, n_items: int = 240, seed: int = 0) -> Dataset:
         sequences.append([int(i) for i in observed])
         true_prefs.append(sorted(int(i) for i in liked))
 
-    return Dataset("toy", sequences, titles, attributes, true_prefs=true_prefs, item_pop_weight=pop)
+    return Dataset("toy", sequences, titles, attributes, true_prefs=true_prefs, item_pop_weight=pop, item_cluster=cluster)
 
 
 # ----------------------------------------------------------------------------- split

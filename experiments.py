@@ -416,31 +416,44 @@ def study_exposure(cfg: Config, log=print) -> dict:
     median = np.median(w)
     tail = [[i for i in h if w[i] < median] for h in hidden]
     mostpop = np.tile(np.argsort(-data_mod.item_popularity(ds), kind="stable")[:10], (len(test), 1))
-    names = ["sft", method, "cm", "mostpop"]
+    # GFlowGR twice: rewarded by the learned CM, and by the truth (collab.TasteOracle), the control
+    # that tells what fine-tuning can add when the reward knows the hidden preferences; SFT-continued
+    # is the same budget of plain L_GR (Eq. 1)
+    oracle_run = f"{method}+oracle"
+    runs = {"sft": ("sft", {}), "sft-continued": ("sft-continued", {}), method: (method, {}),
+            oracle_run: (method, {"ft.oracle_reward": True})}
+    names = [*runs, "cm", "oracle", "mostpop"]
     per = {name: [] for name in names}
+    every_item = torch.arange(ds.n_items, device=device).expand(len(test), -1)  # (N, I)
     for seed in seeds:
-        for name in ("sft", method):
-            c = study_config(cfg, name, seed, {})
+        for name, (m, overrides) in runs.items():
+            c = study_config(cfg, m, seed, overrides)
             log(f"\n=== exposure: {name}, seed {seed} ===")
             run_or_reuse(c, log)
             topk, _ = recommend(load_model(c, device), t, c.train, desc="top-10 lists")
             per[name].append(exposure_of(topk.numpy(), test.target, hidden, tail, pop_pct))
         cm, _ = collab.load_or_train(ds, splits, c.cm, Path(c.train.out) / ds.name, device, log)
-        with torch.no_grad():  # the CM's own top-10 over the whole (small) catalogue, history included as for the GR
-            scores = cm.eval().score(t["hist"], t["hist_len"], torch.arange(ds.n_items, device=device).expand(len(test), -1))
+        oracle = collab.TasteOracle(ds.item_cluster, c.cm).to(device)
+        with torch.no_grad():  # each model's own top-10 over the whole (small) catalogue, history included as for the GR
+            scores = cm.eval().score(t["hist"], t["hist_len"], every_item)
+            truth = oracle.score(t["hist"], t["hist_len"], every_item)  # 0 / 1: ties broken by item id, random here
         per["cm"].append(exposure_of(scores.topk(10).indices.cpu().numpy(), test.target, hidden, tail, pop_pct))
+        per["oracle"].append(exposure_of(truth.topk(10).indices.cpu().numpy(), test.target, hidden, tail, pop_pct))
         per["mostpop"].append(exposure_of(mostpop, test.target, hidden, tail, pop_pct))
     rows = {name: {key: results.seed_stats([d[key] for d in per[name]]) for key, _ in EXPOSURE_ROWS} for name in names}
-    tests = {key: results.welch_greater(rows[method][key]["values"], rows["sft"][key]["values"])
-             for key in ("recall_observed", "recall_hidden", "recall_hidden_tail")}
+    keys = ("recall_observed", "recall_hidden", "recall_hidden_tail")
+    tests = {key: results.welch_greater(rows[method][key]["values"], rows["sft"][key]["values"]) for key in keys}
+    tests_oracle = {key: results.welch_greater(rows[oracle_run][key]["values"], rows["sft-continued"][key]["values"])
+                    for key in keys}
     obs_pop = float(np.mean([w[i] for s in ds.sequences for i in s]))
     hid_pop = float(np.mean([w[i] for h in hidden_all for i in h]))
     summary = {"study": "exposure", "dataset": cfg.data.dataset, "backbone": cfg.train.backbone, "method": method,
-               "seeds": seeds, "rows": rows, "welch_gflowgr_gt_sft": tests,
+               "seeds": seeds, "rows": rows, "welch_gflowgr_gt_sft": tests, "welch_oracle_gt_sft_continued": tests_oracle,
                "world": {"mean_propensity_observed": obs_pop, "mean_propensity_hidden": hid_pop,
                          "users_with_hidden": int(sum(1 for h in hidden if h)),
                          "mean_hidden_per_user": float(np.mean([len(h) for h in hidden]))}}
-    display = {n: results.display(n) for n in names}
+    display = {n: results.display(n) for n in names} | {oracle_run: f"{results.display(method)}, oracle reward",
+                                                       "oracle": "oracle (taste clusters)"}
     lines = [f"# Exposure bias where the truth is known: {cfg.data.dataset}, test users, seeds {', '.join(map(str, seeds))}", "",
              f"Observed items have mean exposure propensity {obs_pop:.3f}, the true preferences never observed "
              f"{hid_pop:.3f}: observation favours popular items. Each user has {summary['world']['mean_hidden_per_user']:.1f} "
@@ -449,18 +462,21 @@ def study_exposure(cfg: Config, log=print) -> dict:
     for key, text in EXPOSURE_ROWS:
         lines.append(f"| {text} | " + " | ".join(_fmt(rows[n][key]) for n in names) + " |")
     lines += ["", f"One-sided Welch t-test, {display[method]} > SFT (needs 2+ seeds): " +
-              ", ".join(f"{k} p = {results._p(v[1])}" for k, v in tests.items()), "",
+              ", ".join(f"{k} p = {results._p(v[1])}" for k, v in tests.items()) + f"; {display[oracle_run]} > "
+              f"SFT-continued: " + ", ".join(f"{k} p = {results._p(v[1])}" for k, v in tests_oracle.items()), "",
               "recall@10 of hidden positives = |top-10 ∩ H_u| / min(10, |H_u|), H_u = true preferences minus every "
-              "observed item (metrics.recall_hidden). CM = the SASRec teacher's own top-10; MostPop = training popularity."]
-    return write_outputs(cfg, "exposure", "\n".join(lines) + "\n", summary, exposure_figure(summary, names), log)
+              "observed item (metrics.recall_hidden). CM = the SASRec teacher's own top-10; MostPop = training popularity. "
+              "Oracle reward: r_c = 1 for an unseen item of a taste cluster the history shows, else 0 (collab.TasteOracle), "
+              "in place of the CM; the oracle row is that truth's own top-10 (ties broken by item id)."]
+    return write_outputs(cfg, "exposure", "\n".join(lines) + "\n", summary, exposure_figure(summary, names, display), log)
 
 
-def exposure_figure(s: dict, names: list[str]) -> go.Figure:
+def exposure_figure(s: dict, names: list[str], display: dict) -> go.Figure:
     fig = go.Figure()
     keys = [k for k, _ in EXPOSURE_ROWS]
     for name in names:
         r = s["rows"][name]
-        fig.add_trace(go.Bar(x=keys, y=[r[k]["mean"] for k in keys], name=results.display(name),
+        fig.add_trace(go.Bar(x=keys, y=[r[k]["mean"] for k in keys], name=display[name],
                              error_y={"type": "data", "array": [0.0 if math.isnan(r[k]["std"]) else r[k]["std"] for k in keys]}))
     fig.update_layout(barmode="group", title=f"Exposure bias on {s['dataset']}: recall of observed vs hidden true "
                                              f"preferences, seeds {', '.join(map(str, s['seeds']))}", height=450, width=1100)

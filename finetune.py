@@ -66,6 +66,7 @@ class FinetuneConfig:
     reward_beta: float = field(default=3.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1; 3 was best on Beauty valid)"})
     reward_floor: float = field(default=REWARD_FLOOR, metadata={"help": "R is floored here before the log (R = 0 is possible): the lowest target, beta * log floor, below which no item is pushed"})
     sft_prior: bool = field(default=False, metadata={"help": "reward times the frozen SFT likelihood: target P_SFT(v|U) R^beta / Z(U)"})
+    oracle_reward: bool = field(default=False, metadata={"help": "toy only, a control: r_c from the toy world's truth (1 for an unseen item of a taste cluster the history shows, else 0; collab.TasteOracle) instead of the CM"})
     rsim_dedup: bool = field(default=False, metadata={"help": "count the dedup (collision) token in r_sim too (default: semantic levels only)"})
     inspect_users: int = field(default=40, metadata={"help": "test users whose trajectories go into inspect.json"})
 

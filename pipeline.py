@@ -84,6 +84,8 @@ def run(cfg: Config, log=print) -> dict:
         t0 = time.time()
         cm, cm_info = collab.load_or_train(ds, splits, cfg.cm, Path(t.out) / ds.name, device, log)
         cm.to(device).eval()
+        if cfg.ft.oracle_reward:  # a control: the toy world's truth scores r_c (the CM's row still reports the CM)
+            cm = collab.TasteOracle(ds.item_cluster, cm.cfg).to(device)
         timing["cm_s"] = time.time() - t0
         sft_model = copy.deepcopy(model).eval()
         tensors = {name: to_tensors(splits[name], device) for name in ("train", "valid", "test")}

@@ -331,3 +331,22 @@ def test_filter_seen_ce_gradient_equals_the_explicitly_masked_softmax():
     assert torch.allclose(got, want, atol=1e-7) and got.abs().sum() > 0
     plain = torch.autograd.grad(collab.cm_loss(model, h, p, real, CollabConfig(loss="ce"), seq=seq), h)[0]
     assert not torch.allclose(plain, want, atol=1e-4)  # the mask changes the gradient
+
+
+def test_taste_oracle_hand_values_and_the_toy_truth(toy):
+    """r_c = 1 for an unseen item of a cluster the history shows, else 0; on toy it holds every
+    hidden true preference of a one-cluster user whose history shows that cluster."""
+    oracle = collab.TasteOracle(np.array([0, 0, 1, 1, 2]), CollabConfig())
+    hist = torch.tensor([[0, -1], [2, 4]])  # clusters {0}; clusters {1, 2}
+    assert oracle.full_scores(hist, torch.tensor([1, 2])).tolist() == [[0, 1, 0, 0, 0], [0, 0, 0, 1, 0]]
+    assert oracle.score(hist, torch.tensor([1, 2]), torch.tensor([[1, 2], [3, 4]])).tolist() == [[1, 0], [1, 0]]
+    ds, _ = toy
+    o = collab.TasteOracle(ds.item_cluster, CollabConfig())
+    checked = 0
+    for seq, liked in zip(ds.sequences, ds.true_prefs):
+        if len(set(ds.item_cluster[liked])) == 1:  # one taste cluster: the history shows it
+            r = o.full_scores(torch.tensor([seq]), torch.tensor([len(seq)]))[0]
+            hidden = sorted(set(liked) - set(seq))
+            assert r[hidden].eq(1).all() and r[seq].eq(0).all()
+            checked += 1
+    assert checked > 100

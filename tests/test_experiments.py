@@ -68,9 +68,10 @@ def test_sweep_tables_hold_the_runs_metrics(studies):
     sft = json.loads((out / "toy__gflowgr-tb__seed42" / "metrics.json").read_text())["sft_eval"]["test"]
     assert k["sft"]["hr@10"]["values"] == [sft["hr@10"]]
     # 10 ablation columns + K 1, 5 + 4 lambdas: 16 GFlowGR runs, no more (shared runs are trained once),
-    # plus the paper-regime study's own run from its under-trained SFT, kept apart by its tag
+    # plus the paper-regime study's own run from its under-trained SFT, kept apart by its tag, and
+    # the exposure study's run rewarded by the truth
     runs = {p.name for p in out.glob("toy__gflowgr-tb*__seed42")}
-    assert len(runs) == 17 and "toy__gflowgr-tb+paper-regime__seed42" in runs
+    assert len(runs) == 18 and {"toy__gflowgr-tb+paper-regime__seed42", "toy__gflowgr-tb+oracle__seed42"} <= runs
 
 
 def test_variants_change_what_they_say(studies):
@@ -128,9 +129,13 @@ def test_exposure_table(studies):
     s = got["exposure"]
     w = s["world"]
     assert w["mean_propensity_observed"] > 2 * w["mean_propensity_hidden"]
-    for name in ("sft", "gflowgr-tb", "cm", "mostpop"):
+    assert list(s["rows"]) == ["sft", "sft-continued", "gflowgr-tb", "gflowgr-tb+oracle", "cm", "oracle", "mostpop"]
+    for name in s["rows"]:
         r = {k: v["mean"] for k, v in s["rows"][name].items()}
         assert 0 <= r["recall_hidden"] <= 1 and 0 <= r["recall_observed"] <= 1
+    # the oracle-rewarded run is a run of its own, and the truth's own lists find the hidden preferences
+    assert (studies[0] / "toy__gflowgr-tb+oracle__seed42" / "metrics.json").exists()
+    assert s["rows"]["oracle"]["recall_hidden"]["mean"] > s["rows"]["sft"]["recall_hidden"]["mean"] + 0.2
     # MostPop recommends the most exposed items: its lists sit at the top of the exposure ranking
     assert s["rows"]["mostpop"]["exposure_pct"]["mean"] > s["rows"]["sft"]["exposure_pct"]["mean"]
     # the generative models find hidden true preferences far more often than popularity does
