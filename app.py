@@ -156,6 +156,8 @@ def load_bundle(run_dir: Path) -> Bundle:
         c = _load_checkpoint(cm_path, "the collaborative model")
         cm = collab.SASRec.from_state(c["model_args"], c["model"]).eval()
         cm.cfg.score = cfg.cm.score  # the run's r_c mapping (not part of the CM's training)
+        if cfg.ft.oracle_reward:  # the run was rewarded by the toy world's truth: show that r_c
+            cm = collab.TasteOracle(ds.item_cluster, cm.cfg)
     curves = []
     if (run_dir / "metrics.jsonl").exists():
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():

@@ -208,3 +208,17 @@ def test_an_sft_run_shows_without_the_gflownet_panels(app_runs, monkeypatch):
     assert "no GFlowNet heads" in at.info[0].value
     assert not any(m.label == "log Z(U)" for m in at.metric)
     assert len(at.get("plotly_chart")) >= 5
+
+
+def test_an_oracle_rewarded_run_shows_the_truths_r_c(app_runs, tmp_path):
+    """A run fine-tuned with --oracle-reward is inspected with the reward it was trained on."""
+    import collab
+    shutil.copytree(app_runs / "toy", tmp_path / "toy")
+    shutil.copytree(app_runs / RUN, tmp_path / RUN)
+    cfg = json.loads((tmp_path / RUN / "config.json").read_text())
+    cfg["ft"]["oracle_reward"] = True
+    (tmp_path / RUN / "config.json").write_text(json.dumps(cfg))
+    b = app.load_bundle(tmp_path / RUN)
+    assert isinstance(b.cm, collab.TasteOracle)
+    r_c = [t["r_c"] for t in app.user_view(b, 0)["trajectories"]]
+    assert len(r_c) > 1 and set(r_c) <= {0.0, 1.0}
