@@ -40,6 +40,9 @@ change the trained model, so it is not in the stage's cache key):
                                                a policy by P_CM^beta (a product of experts)
     rank     #{i : s(i) < s(v)} / (n - 1)      the percentile of v in the user's full ranking
 
+`TasteOracle` stands in for the CM on the toy world (`--oracle-reward`): r_c from the truth,
+the control that tells a weak reward from a fine-tuning that cannot use a good one.
+
 Usage: `cm, info = load_or_train(ds, splits, CollabConfig(), Path("runs/beauty")); r_c = cm.score(hist, hist_len, items)`
 """
 from __future__ import annotations
