@@ -16,6 +16,9 @@ The speed-up is the ratio of the first two, measured in one process.
 N times with its per-epoch resume state saved (the cost of being resumable), and checks
 that every run gives the same IDs (same seed, same threads: same numbers).
 
+`--bf16` adds our SFT step under bfloat16 autocast (`train.py --bf16`), timed after the
+float32 one on the same model.
+
 Usage: `python bench.py --dataset beauty`  |  `python bench.py --dataset beauty --rqvae 2`
 """
 from __future__ import annotations
@@ -100,6 +103,7 @@ def main() -> None:
     p.add_argument("--app-users", type=int, default=20, help="users timed through app.user_view (0: the app is not timed)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--bf16", action="store_true", help="also time our SFT step under bfloat16 autocast (train.py --bf16)")
     p.add_argument("--rqvae", type=int, default=0, help="only time the RQ-VAE, this many runs without and with resume states")
     a = p.parse_args()
     for name, least in (("steps", 1), ("ref_steps", 1), ("batch_size", 1), ("eval_users", 1), ("app_users", 0),
@@ -128,10 +132,11 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     model.train()
 
-    def step_ours(b):
+    def step_ours(b, bf16=False):
         hl = hist_len[b]
-        log_pf, _ = model(hist[b][:, : int(hl.max())], hl, target[b])
-        loss = gr_loss(log_pf)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as sft.py under --bf16
+            log_pf, _ = model(hist[b][:, : int(hl.max())], hl, target[b])
+        loss = gr_loss(log_pf.float())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -154,7 +159,10 @@ def main() -> None:
         loss.backward()
         ref_opt.step()
 
-    for name, fn, n in (("ours", step_ours, a.steps), ("token_tiger_ref", step_ref, a.ref_steps)):
+    timed = [("ours", step_ours, a.steps), ("token_tiger_ref", step_ref, a.ref_steps)]
+    if a.bf16:
+        timed.insert(1, ("ours_bf16", lambda b: step_ours(b, bf16=True), a.steps))
+    for name, fn, n in timed:
         bs = batches(tr, a.batch_size, n + 2, gen)
         for b in bs[:2]:  # warm-up
             fn(b)

@@ -93,8 +93,10 @@ def train_sft(model: GRModel, train_t: dict, valid_t: dict, cfg, logger: JsonlLo
             mine = distributed.shard(b).to(train_t["target"].device)  # this rank's rows of the batch (all of it in one process)
             w = distributed.share(len(mine), len(b))
             hl = train_t["hist_len"][mine]
-            log_pf, _ = compute(model, trim(train_t["hist"][mine], hl), hl, train_t["target"][mine])  # (B, L)
-            loss = gr_loss(log_pf) * w
+            # --bf16: the matrix products in bfloat16, the loss from float32 log-probabilities
+            with torch.autocast(train_t["target"].device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                log_pf, _ = compute(model, trim(train_t["hist"][mine], hl), hl, train_t["target"][mine])  # (B, L)
+            loss = gr_loss(log_pf.float()) * w
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -61,3 +61,21 @@ def test_eval_from_skips_early_scoring_and_trains_the_same_model(toy_run):
     assert late["sft"]["best_epoch"] == max(scored, key=lambda e: (scored[e], -e))
     trained = [r for r in curves(late) if "charts/epoch_seconds" in r and r["epoch"] < 4]
     assert [r["epoch"] for r in trained] == [1, 2, 3]  # logged, without valid metrics
+
+
+def test_bf16_autocast_trains_another_model_in_another_stage(toy_run):
+    """--bf16 runs the SFT step under bfloat16 autocast: a stage of its own (the float32 stage's
+    key is unchanged), different numbers (the autocast is really on), and a model that learns."""
+    import copy
+
+    from pipeline import run as main
+
+    cfg, fp32, _ = toy_run
+    cfg = copy.deepcopy(cfg)
+    cfg.train.bf16, cfg.train.tag = True, "bf16"  # beside the float32 run, sharing its IDs
+    bf16 = main(cfg, log=lambda *a: None)
+    assert bf16["stage"] != fp32["stage"] and bf16["tokenizer"]["collision_rate"] == fp32["tokenizer"]["collision_rate"]
+    assert bf16["valid"] != fp32["valid"]
+    losses = [r["loss/gr"] for r in curves(bf16) if "loss/gr" in r]
+    assert losses[-1] < losses[0] - 0.5  # L_GR falls under bf16 too
+    assert bf16["test"]["hr@10"] > bf16["mostpop"]["test"]["hr@10"]
