@@ -68,7 +68,7 @@ class TrainConfig:
     patience: int = field(default=3, metadata={"help": "early stopping: evaluations without a better valid NDCG@10"})
     eval_users: int = field(default=0, metadata={"help": "valid users scored after each epoch for early stopping (0 = all)"})
     eval_from: int = field(default=1, metadata={"help": "first SFT epoch scored on validation; earlier ones only train and cannot be the kept epoch (the last epoch is always scored)"})
-    bf16: bool = field(default=False, metadata={"help": "SFT training steps under bfloat16 autocast (fast on CPUs with AVX512-BF16 / AMX and on GPUs; evaluation stays float32). Off by default: its accuracy is not yet measured on three seeds (BENCHMARKS.md)"})
+    bf16: bool = field(default=False, metadata={"help": "SFT training steps under bfloat16 autocast (fast on CPUs with AVX512-BF16 / AMX and on GPUs; evaluation stays float32). 1.2-1.3x faster on such a CPU; off by default: on Beauty one of three seeds fell under the accuracy floor (BENCHMARKS.md, 2026-12-04)"})
     beam: int = field(default=20, metadata={"help": "beam width of the constrained beam search"})
     topk: int = field(default=10, metadata={"help": "length of the recommendation list"})
     eval_batch: int = field(default=512, metadata={"help": "users per beam-search batch"})
