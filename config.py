@@ -49,7 +49,8 @@ STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-
 # ablation never overwrites the full model and identical configs share one run.
 VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"), ("sampler.K", "K{}"),
                   ("ft.weight", "no-weight"), ("ft.lam", "lambda{}"),
-                  ("sampler.aug_history", "hist{}"), ("ft.reward_floor", "floor{}"), ("ft.oracle_reward", "oracle"))
+                  ("sampler.aug_history", "hist{}"), ("ft.reward_floor", "floor{}"),
+                  ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"))
 
 
 @dataclass
@@ -248,6 +249,8 @@ def finalize(cfg: Config) -> Config:
         raise DataError(f"unknown --candidates {sp.candidates!r}: choose one of {', '.join(CANDIDATES)}")
     if not 0 < ft.reward_floor < 1:
         raise DataError(f"--reward-floor must be in (0, 1) (got {ft.reward_floor}): log R needs R > 0")
+    if not 0 <= ft.history_floor < 1:
+        raise DataError(f"--history-floor must be in [0, 1) (got {ft.history_floor}): 0 turns it off, else log R needs R > 0")
     if ft.reward_beta <= 0:
         raise DataError(f"--reward-beta must be > 0 (got {ft.reward_beta})")
     if sp.sampler != "none" and sp.K > sp.n_candidates:

@@ -65,6 +65,7 @@ class FinetuneConfig:
     log_flow: str = field(default="prefix", metadata={"help": "DB's log F(s_l): head (an MLP on the prefix state) | prefix (the MLP plus the policy's own log-probability of reaching s_l, detached: starts near balance)"})
     reward_beta: float = field(default=3.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1; 3 was best on Beauty valid)"})
     reward_floor: float = field(default=REWARD_FLOOR, metadata={"help": "R is floored here before the log (R = 0 is possible): the lowest target, beta * log floor, below which no item is pushed"})
+    history_floor: float = field(default=0.0, metadata={"help": "R of an item in the user's own history is floored here instead of at --reward-floor (0: no separate floor). With --aug-history and a history-filtered CM (r_c = 0) a floor far below --reward-floor pushes the history items down without lowering the observed item's target"})
     sft_prior: bool = field(default=False, metadata={"help": "reward times the frozen SFT likelihood: target P_SFT(v|U) R^beta / Z(U)"})
     oracle_reward: bool = field(default=False, metadata={"help": "toy only, a control: r_c from the toy world's truth (1 for an unseen item of a taste cluster the history shows, else 0; collab.TasteOracle) instead of the CM"})
     rsim_dedup: bool = field(default=False, metadata={"help": "count the dedup (collision) token in r_sim too (default: semantic levels only)"})
@@ -80,7 +81,8 @@ def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, c
                        hist: torch.Tensor | None = None, hist_len: torch.Tensor | None = None):
     """Sec. 3.2 reward of items (B, M) (column 0 observed) and the log-reward the GFlowNet targets, each (B, M).
 
-    log R^beta is floored (losses.log_reward). r_sim compares the semantic tokens t_1..t_levels
+    log R^beta is floored (losses.log_reward), at --history-floor for items in the user's
+    history when that is set (needs hist), else at --reward-floor. r_sim compares the semantic tokens t_1..t_levels
     only, unless --rsim-dedup: the last token only numbers items that collide on those, and
     82% of Beauty items carry dedup token 0, so two unrelated items would 'share' it.
 
@@ -92,7 +94,11 @@ def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, c
     if not cfg.ft.rsim_dedup:
         codes = codes[..., : cfg.tok.levels]
     rew = reward(codes, r_c, tuple(cfg.ft.reward.split(",")))
-    log_r = log_reward(rew["R"], floor=cfg.ft.reward_floor, beta=cfg.ft.reward_beta)  # (B, M)
+    floor = cfg.ft.reward_floor
+    if cfg.ft.history_floor > 0:  # --history-floor: the user's own items get their own, lower floor
+        seen = (items[:, :, None] == hist[:, None, :]).any(-1)  # (B, M); hist's padding is -1, never an item
+        floor = torch.where(seen, cfg.ft.history_floor, cfg.ft.reward_floor)  # (B, M)
+    log_r = log_reward(rew["R"], floor=floor, beta=cfg.ft.reward_beta)  # (B, M)
     if prior is not None:
         with torch.no_grad():
             log_r = log_r + prior.trajectories(hist, hist_len, items)[0].sum(-1)  # + log P_SFT(v | U)

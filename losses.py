@@ -55,8 +55,10 @@ def reward(codes: torch.Tensor, r_c: torch.Tensor, terms=REWARD_TERMS, r_a: torc
     return {"r_a": r_a, "r_c": r_c, "r_sim": r_sim, "R": R}
 
 
-def log_reward(R: torch.Tensor, floor: float = REWARD_FLOOR, beta: float = 1.0) -> torch.Tensor:
+def log_reward(R: torch.Tensor, floor: float | torch.Tensor = REWARD_FLOOR, beta: float = 1.0) -> torch.Tensor:
     """log R^beta = beta * log R, with R floored at `floor` (R = 0 is possible; see REWARD_FLOOR).
+
+    floor: one number, or a tensor of R's shape (a floor per trajectory, e.g. --history-floor).
 
     beta is the reward exponent of GFlowNets (Bengio et al. 2021 train towards R^beta): the
     balanced policy gives P(tau') / P(tau) = (R(tau') / R(tau))^beta. The paper uses beta = 1;

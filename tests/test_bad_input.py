@@ -58,6 +58,7 @@ CASES = [
     ("lambda < 0", ["--method", "gflowgr-tb", "--lambda", "-1"], None, ["--lambda must be >= 0"]),
     ("K < 0", ["--method", "gflowgr-tb", "--K", "-2"], None, ["--K must be >= 0"]),
     ("reward floor 0", ["--method", "gflowgr-tb", "--reward-floor", "0"], None, ["--reward-floor must be in (0, 1)"]),
+    ("history floor 1", ["--method", "gflowgr-tb", "--history-floor", "1"], None, ["--history-floor must be in [0, 1)"]),
     ("aug-history < 0", ["--method", "gflowgr-tb", "--aug-history", "-1"], None, ["--aug-history must be >= 0"]),
     ("K above the pool", ["--method", "gflowgr-tb", "--K", "60", "--n-candidates", "50"], None, ["--K (60) cannot exceed"]),
     ("beam < top-k", ["--beam", "5"], None, ["--beam (5) must be at least --topk (10)"]),

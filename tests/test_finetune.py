@@ -89,6 +89,23 @@ def test_rsim_ignores_the_dedup_token_unless_asked():
     assert log_r[0].tolist() == pytest.approx([0.5 * math.log(0.04), 0.5 * math.log(1e-8), 0.5 * math.log(1e-8)])
 
 
+def test_history_floor_lowers_only_the_users_own_items():
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(item_codes=torch.tensor([[3, 4, 5, 0], [7, 8, 9, 0], [3, 1, 2, 0], [6, 6, 6, 0]]))
+    # user 0 has items 1 and 3 (padding -1); user 1 has item 2. Column 0 is the observed item.
+    hist, hist_len = torch.tensor([[1, 3, -1], [2, -1, -1]]), torch.tensor([2, 1])
+    items = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    r_c = torch.tensor([[0.001, 0.0, 0.0], [0.001, 0.0, 0.0]])  # observed below the floor, the others 0
+    flags = ["--dataset", "toy", "--levels", "3", "--reward", "rc", "--reward-beta", "0.5"]
+    _, log_r = trajectory_rewards(model, items, r_c, parse_config(flags + ["--history-floor", "1e-6"]), hist=hist, hist_len=hist_len)
+    low, high = 0.5 * math.log(1e-6), 0.5 * math.log(0.01)  # -6.91 and -2.30 nats
+    # the observed item keeps --reward-floor; item 1 is user 0's, item 2 is user 1's
+    assert log_r.tolist() == [pytest.approx([high, low, high]), pytest.approx([high, high, low])]
+    _, off = trajectory_rewards(model, items, r_c, parse_config(flags), hist=hist, hist_len=hist_len)
+    assert off.tolist() == [pytest.approx([high] * 3)] * 2  # 0: one floor for every item
+
+
 def test_warm_up_only_epochs_never_count_as_the_best_fine_tuned_model(toy_run):
     # 4 epochs, warm-up longer than 3 of them: only the last epoch trained the backbone
     cfg = finetune_config(toy_run, "gflowgr-tb", ft_epochs=4, head_warmup=10_000)
