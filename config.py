@@ -51,6 +51,7 @@ VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"),
                   ("ft.weight", "no-weight"), ("ft.lam", "lambda{}"),
                   ("sampler.aug_history", "hist{}"), ("ft.reward_floor", "floor{}"),
                   ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"))
+RANKING_VARIANT = "history-out"  # --filter-seen: every method's run is named apart (its lists differ)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainConfig:
     eval_users: int = field(default=0, metadata={"help": "valid users scored after each epoch for early stopping (0 = all)"})
     eval_from: int = field(default=1, metadata={"help": "first SFT epoch scored on validation; earlier ones only train and cannot be the kept epoch (the last epoch is always scored)"})
     bf16: bool = field(default=False, metadata={"help": "SFT training steps under bfloat16 autocast (fast on CPUs with AVX512-BF16 / AMX and on GPUs; evaluation stays float32). 1.2-1.3x faster on such a CPU; off by default: on Beauty one of three seeds fell under the accuracy floor (BENCHMARKS.md, 2026-12-04)"})
+    filter_seen: bool = field(default=False, metadata={"help": "GR evaluation: leave each user's history items (the last --max-his-len it sees) out of the beam search's list, as --cm-filter-seen does for the CM's ranking (Beauty has no repeats). Final valid/test lists only: early stopping and model selection still rank with the history in"})
     beam: int = field(default=20, metadata={"help": "beam width of the constrained beam search"})
     topk: int = field(default=10, metadata={"help": "length of the recommendation list"})
     eval_batch: int = field(default=512, metadata={"help": "users per beam-search batch"})
@@ -128,12 +130,12 @@ PRESETS = {
 }
 # TrainConfig fields that do not change the SFT model, so are left out of its cache key
 NOT_SFT_SETTINGS = ("method", "backbone", "seeds", "device", "out", "eval_batch", "threads", "study", "diversity_users",
-                    "tag", "regime_epochs")
+                    "tag", "regime_epochs", "filter_seen")
 # ... and those that do not change a run's result, so a finished run is reused whatever they are
 NOT_RUN_SETTINGS = ("seeds", "study", "diversity_users", "threads", "eval_batch", "out", "regime_epochs")
 # TrainConfig fields added after caches and runs were written: they count in a key only where
 # they differ from this value (their default, the old behaviour), so those caches keep their keys
-KEYED_UNLESS = {"eval_from": 1, "bf16": False}
+KEYED_UNLESS = {"eval_from": 1, "bf16": False, "filter_seen": False}
 
 
 def train_settings(t: TrainConfig, leave_out) -> dict:
@@ -298,6 +300,8 @@ def variant(cfg: Config) -> str:
     'K0+lambda10'
     """
     tag = [cfg.train.tag] if cfg.train.tag else []
+    if cfg.train.filter_seen:
+        tag = [RANKING_VARIANT, *tag]
     if cfg.train.method not in OBJECTIVE:
         return "+".join(tag)
     base, parts = Config(), []

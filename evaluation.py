@@ -21,12 +21,13 @@ from metrics import ranking_metrics
 
 
 @torch.no_grad()
-def recommend(model, t: dict, cfg, idx: torch.Tensor | None = None, desc: str = "eval"):
+def recommend(model, t: dict, cfg, idx: torch.Tensor | None = None, desc: str = "eval", exclude_seen: bool = False):
     """Beam-search top-k lists for the samples `idx` (default all): items (N, k), log-probs (N, k).
 
     model: a gflowgr.GRModel; t: batches.to_tensors of a split; cfg: anything with beam, topk
-    and eval_batch (config.TrainConfig). Under torchrun every rank searches its share of the
-    chunks and every rank gets all lists (a collective: all ranks must call it).
+    and eval_batch (config.TrainConfig). exclude_seen: leave each user's history items out of
+    its list (--filter-seen). Under torchrun every rank searches its share of the chunks and
+    every rank gets all lists (a collective: all ranks must call it).
     """
     model.eval()
     n = len(t["target"])
@@ -40,7 +41,7 @@ def recommend(model, t: dict, cfg, idx: torch.Tensor | None = None, desc: str = 
     rows = {}  # chunk index -> its lists; under torchrun each rank searches its own chunks (distributed.chunks)
     for i, chunk in tqdm(distributed.chunks(order, cfg.eval_batch), desc=desc, leave=False, disable=not distributed.is_main()):
         hl = t["hist_len"][chunk]
-        it, sc = model.beam_search(trim(t["hist"][chunk], hl), hl, beam=cfg.beam, topk=cfg.topk)
+        it, sc = model.beam_search(trim(t["hist"][chunk], hl), hl, beam=cfg.beam, topk=cfg.topk, exclude_seen=exclude_seen)
         rows[i] = (it.cpu(), sc.cpu())
     for i, (it, sc) in distributed.gather_rows(rows).items():
         chunk = order[i * cfg.eval_batch : (i + 1) * cfg.eval_batch]
@@ -49,9 +50,9 @@ def recommend(model, t: dict, cfg, idx: torch.Tensor | None = None, desc: str = 
     return items, scores
 
 
-def evaluate(model, t: dict, cfg, idx=None, desc="eval") -> dict[str, float]:
+def evaluate(model, t: dict, cfg, idx=None, desc="eval", exclude_seen: bool = False) -> dict[str, float]:
     """HR@5/10 and NDCG@5/10 of the model's beam-search lists for the samples idx (default all)."""
-    items, _ = recommend(model, t, cfg, idx, desc)
+    items, _ = recommend(model, t, cfg, idx, desc, exclude_seen)
     target = t["target"].cpu() if idx is None else t["target"].cpu()[idx]
     return ranking_metrics(items, target)
 

@@ -240,12 +240,15 @@ class GRModel(nn.Module):
 
     # -- inference --------------------------------------------------------------------------
     @torch.no_grad()
-    def beam_search(self, hist: torch.Tensor, hist_len: torch.Tensor, beam: int = 20, topk: int = 10):
+    def beam_search(self, hist: torch.Tensor, hist_len: torch.Tensor, beam: int = 20, topk: int = 10,
+                    exclude_seen: bool = False):
         """Trie-constrained beam search: top-k real items and their sequence log-probabilities.
 
         Returns items (B, topk) (-1 only if fewer than topk items exist) and
         log P(item | U) = sum_l log P_F (B, topk), best first. With beam >= the number of
-        prefixes at every level this is exhaustive, i.e. the exact ranking.
+        prefixes at every level this is exhaustive, i.e. the exact ranking. exclude_seen
+        leaves the items of hist out of the list: their last token is cut at the last step
+        (the policy is not renormalised; the scores stay the model's log P(item | U)).
         """
         B, V, dev = hist.shape[0], self.V, hist.device
         mem, mask = self.encode(hist, hist_len)
@@ -259,6 +262,8 @@ class GRModel(nn.Module):
             for i, layer in enumerate(self.dec_layers):
                 h, caches[i] = layer.step(h, caches[i], cross_kv[i], mask)
             log_pf = self.masked_log_pf(self.logits(self.dec_ln(h), level), node.clamp_min(0))  # (B, K, V)
+            if exclude_seen and level == self.L - 1:
+                log_pf = log_pf.masked_fill(self._seen_children(hist, node), float("-inf"))
             total = (score[..., None] + log_pf).flatten(1)  # (B, K*V)
             score, flat = total.topk(min(beam, total.shape[1]), dim=1)  # (B, K')
             parent, token = flat // V, flat % V
@@ -272,6 +277,17 @@ class GRModel(nn.Module):
         items = torch.where(node >= 0, self.trie_leaf_item[node.clamp_min(0)], -1)
         return items[:, :topk], score[:, :topk]
 
+
+    def _seen_children(self, hist: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+        """(B, K, V) True where token v from last-level prefix node (B, K) completes an item of hist (B, S)."""
+        B, n_items = hist.shape[0], self.item_codes.shape[0]
+        seen = torch.zeros(B, n_items + 1, dtype=torch.bool, device=hist.device)  # column n_items: padding (-1)
+        seen.scatter_(1, torch.where(hist >= 0, hist, n_items), True)
+        seen[:, n_items] = False
+        child = self.trie_next_node[node.clamp_min(0)]  # (B, K, V): -1 where token v is not in the trie
+        leaf = self.trie_leaf_item[child.clamp_min(0)]  # (B, K, V): the item a last token completes
+        item = torch.where((child >= 0) & (leaf >= 0), leaf, n_items)  # (B, K, V)
+        return seen.gather(1, item.flatten(1)).view_as(item) & (node[..., None] >= 0)
 
     @torch.no_grad()
     def sample(self, hist: torch.Tensor, hist_len: torch.Tensor, n: int, generator: torch.Generator | None = None):

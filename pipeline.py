@@ -31,7 +31,8 @@ import data as data_mod
 import distributed
 import results
 from batches import to_tensors
-from config import TABLE_BASELINES, TABLE_GFLOWGR, TABLE_METHODS, Config, finalize, finished, run_dir, run_identity
+from config import (RANKING_VARIANT, TABLE_BASELINES, TABLE_GFLOWGR, TABLE_METHODS, Config, finalize, finished, run_dir,
+                    run_identity)
 from evaluation import evaluate, format_table, mostpop_metrics
 from finetune import finetune
 from inspection import build_inspect
@@ -99,7 +100,7 @@ def run(cfg: Config, log=print) -> dict:
         logger.close()
         timing["finetune_s"] = time.time() - t0
         t0 = time.time()
-        ev = {name: evaluate(model, tensors[name], t, desc=name) for name in ("valid", "test")}
+        ev = {name: evaluate(model, tensors[name], t, desc=name, exclude_seen=t.filter_seen) for name in ("valid", "test")}
         timing["eval_s"] = time.time() - t0
         result.update(test=ev["test"], valid=ev["valid"], finetune=ft_info, cm={k: cm_info[k] for k in ("valid", "test")})
         rows = {t.method.upper(): ev, **rows, "CM (SASRec)": cm_info}
@@ -153,7 +154,8 @@ def run_table(cfg: Config, log=print) -> dict:
             log(f"\n=== {method}, seed {seed} ===")
             run_or_reuse(c, log)
     names = [*methods, "cm", "mostpop"] if t.method == "all" else list(methods)
-    got = results.collect(t.out, cfg.data.dataset, t.backbone, names, t.seeds)
+    ranking = RANKING_VARIANT if t.filter_seen else ""  # a --filter-seen table reads the runs ranked that way
+    got = results.collect(t.out, cfg.data.dataset, t.backbone, names, t.seeds, ranking)
     values = got["values"]
     summary = results.summarise(values, baselines=[m for m in TABLE_BASELINES if m in values],
                                 gflowgr=[m for m in TABLE_GFLOWGR if m in values],
@@ -161,6 +163,6 @@ def run_table(cfg: Config, log=print) -> dict:
     summary["missing"] = got["missing"]
     out = Path("results") if t.out == "runs" else Path(t.out) / "results"
     if distributed.is_main():  # torchrun: rank 0 alone writes
-        md, js = results.write(summary, out, cfg.data.dataset, t.backbone)
+        md, js = results.write(summary, out, cfg.data.dataset, t.backbone, ranking)
         log("\n" + md.read_text() + f"\nwritten: {md}, {js}")
     return summary

@@ -79,14 +79,15 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def collect(runs_dir, dataset: str, backbone: str, methods, seeds) -> dict:
+def collect(runs_dir, dataset: str, backbone: str, methods, seeds, variant: str = "") -> dict:
     """Read the test metrics of every (method, seed) run under runs_dir.
 
     Returns {"values": {method: {metric: [value per found seed, in seeds order]}},
              "seeds": {method: [seeds found]}, "missing": [run names not found]}.
     A missing or unreadable run is listed in "missing" and skipped, never fatal: a table of
     the finished runs is still worth printing while the others train.
-    `mostpop` and `cm` are read from another run of the same seed (see DERIVED).
+    `mostpop` and `cm` are read from another run of the same seed (see DERIVED). variant: the
+    runs' common name part ('history-out' for a --filter-seen table).
     """
     runs_dir = Path(runs_dir)
     values = {m: {k: [] for k in METRICS} for m in methods}
@@ -97,13 +98,13 @@ def collect(runs_dir, dataset: str, backbone: str, methods, seeds) -> dict:
             if method in DERIVED:
                 key, test = DERIVED[method], None
                 for host in HOSTS:
-                    m = _read(runs_dir / run_name(dataset, backbone, host, seed) / "metrics.json")
+                    m = _read(runs_dir / run_name(dataset, backbone, host, seed, variant) / "metrics.json")
                     if m and isinstance(m.get(key), dict) and "test" in m[key]:
                         test = m[key]["test"]
                         break
                 name = f"{method} (from any run of {run_name(dataset, backbone, '*', seed)})"
             else:
-                name = run_name(dataset, backbone, method, seed)
+                name = run_name(dataset, backbone, method, seed, variant)
                 m = _read(runs_dir / name / "metrics.json")
                 test = m.get("test") if m else None
             if not test or any(k not in test for k in METRICS):
@@ -246,12 +247,13 @@ def _atomic_write(text: str, path: Path) -> None:
     os.replace(tmp, path)  # a reader (the app) never sees a half-written table
 
 
-def write(summary: dict, out_dir, dataset: str, backbone: str) -> tuple[Path, Path]:
-    """Write `<out_dir>/<dataset>_<backbone>.md` and `.json` (nan as null), each atomically."""
+def write(summary: dict, out_dir, dataset: str, backbone: str, variant: str = "") -> tuple[Path, Path]:
+    """Write `<out_dir>/<dataset>_<backbone>[_<variant>].md` and `.json` (nan as null), each atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md_path, json_path = out_dir / f"{dataset}_{backbone}.md", out_dir / f"{dataset}_{backbone}.json"
-    title = f"Table 1: {dataset}, backbone {backbone.upper()}"
+    stem = f"{dataset}_{backbone}" + (f"_{variant}" if variant else "")
+    md_path, json_path = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+    title = f"Table 1: {dataset}, backbone {backbone.upper()}" + (f" ({variant}: history items left out of every list)" if variant else "")
     _atomic_write(to_markdown(summary, title), md_path)
     _atomic_write(json.dumps(_jsonable({"dataset": dataset, "backbone": backbone, **summary}), indent=2), json_path)
     return md_path, json_path
@@ -264,16 +266,17 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds to read (the paper: 42 43 44)")
     p.add_argument("--runs", default="runs", help="folder holding the run folders")
     p.add_argument("--out", default="results", help="folder for the table files")
+    p.add_argument("--variant", default="", help="the runs' common name part: history-out for runs of train.py --filter-seen")
     a = p.parse_args(argv)
     if not Path(a.runs).is_dir():
         print(f"error: the runs folder {a.runs} does not exist: train first (python train.py --dataset {a.dataset} "
               f"--method all --seeds {' '.join(map(str, a.seeds))}) or point --runs at the folder that holds the runs",
               file=sys.stderr)
         return 2
-    got = collect(a.runs, a.dataset, a.backbone, BASELINES + GFLOWGR + REFERENCE, a.seeds)
+    got = collect(a.runs, a.dataset, a.backbone, BASELINES + GFLOWGR + REFERENCE, a.seeds, a.variant)
     summary = summarise(got["values"], BASELINES, GFLOWGR, REFERENCE)
     summary["missing"] = got["missing"]
-    md, js = write(summary, a.out, a.dataset, a.backbone)
+    md, js = write(summary, a.out, a.dataset, a.backbone, a.variant)
     print(md.read_text())
     print(f"wrote {md} and {js}")
     return 0

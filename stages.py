@@ -93,7 +93,8 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
         log(f"[cache] SFT checkpoint: {ckpt_path} (skipping training)")
         model = GRModel.from_state(ckpt["model_args"], ckpt["model"]).to(device).eval()
         return model, ckpt["info"], stage
-    (stage / "eval.json").unlink(missing_ok=True)  # the evaluation of a checkpoint that is gone
+    for name in ("eval.json", "eval-history-out.json"):  # the evaluations of a checkpoint that is gone
+        (stage / name).unlink(missing_ok=True)
     set_seed(t.seed)
     model = GRModel(cfg.model, trie).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -115,8 +116,9 @@ def sft_stage(ds, splits, trie, ids_key: str, cfg: Config, device, log=print) ->
 
 def sft_evaluation(model: GRModel, splits: dict, stage: Path, cfg: Config, device, log=print) -> dict:
     """Valid and test metrics of the SFT model, cached in its stage folder (eval.json): the beam
-    search of a given checkpoint is deterministic, so it is done once."""
-    eval_path = stage / "eval.json"
+    search of a given checkpoint is deterministic, so it is done once per ranking (--filter-seen:
+    eval-history-out.json)."""
+    eval_path = stage / ("eval-history-out.json" if cfg.train.filter_seen else "eval.json")
     if eval_path.exists():
         try:
             ev = json.loads(eval_path.read_text())
@@ -125,7 +127,8 @@ def sft_evaluation(model: GRModel, splits: dict, stage: Path, cfg: Config, devic
         except json.JSONDecodeError:
             log(f"[cache] SFT evaluation {eval_path} is damaged (not JSON): evaluating again")
     t0 = time.time()
-    ev = {name: evaluate(model, to_tensors(splits[name], device), cfg.train, desc=name) for name in ("valid", "test")}
+    ev = {name: evaluate(model, to_tensors(splits[name], device), cfg.train, desc=name, exclude_seen=cfg.train.filter_seen)
+          for name in ("valid", "test")}
     ev["eval_seconds"] = time.time() - t0
     ev["eval_users_per_s"] = (len(splits["valid"]) + len(splits["test"])) / ev["eval_seconds"]
     cache.atomic_write_json(ev, eval_path)

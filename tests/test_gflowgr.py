@@ -70,6 +70,19 @@ def test_beam_search_returns_only_real_distinct_items():
     assert torch.allclose(exact.gather(1, items), scores, atol=1e-4)
 
 
+def test_beam_search_excluding_seen_equals_brute_force_without_the_history():
+    model, trie, hist, hist_len = tiny_world()
+    n_items = trie.codes.shape[0]
+    items, scores = model.beam_search(hist, hist_len, beam=n_items, topk=10, exclude_seen=True)
+    exact = all_item_log_probs(model, hist, hist_len)
+    seen = torch.zeros_like(exact, dtype=torch.bool).scatter_(1, hist.clamp_min(0), hist >= 0)
+    ref_scores, _ = exact.masked_fill(seen, float("-inf")).sort(1, descending=True)
+    assert torch.allclose(scores, ref_scores[:, :10], atol=1e-4)  # unrenormalised log P(item | U)
+    assert not seen.gather(1, items).any()  # no history item in any list
+    plain, _ = model.beam_search(hist, hist_len, beam=n_items, topk=10)
+    assert seen.gather(1, plain).any()  # the world is one where the filter changes lists
+
+
 def test_beam_search_with_fewer_items_than_topk_pads_with_minus_one():
     model, trie, hist, hist_len = tiny_world(n_items=6, V=4, levels=1)
     items, scores = model.beam_search(hist, hist_len, beam=20, topk=10)

@@ -30,3 +30,33 @@ def test_sft_key_names_the_stage_and_ignores_settings_that_do_not_change_the_mod
         changed = copy.deepcopy(cfg)
         setattr(changed.train, field, value)
         assert sft_key(ds, ids_key, changed) != sft_key(ds, ids_key, cfg), field
+
+
+def test_filter_seen_reuses_the_sft_and_names_its_own_run(toy_run):
+    """--filter-seen changes the lists, not the model: the SFT stage is loaded, its evaluation is
+    cached apart, and the run gets its own folder (a --filter-seen table reads those)."""
+    import torch
+
+    from batches import to_tensors
+    from evaluation import recommend
+    from gflowgr import GRModel
+
+    cfg, metrics, _ = toy_run
+    filtered = copy.deepcopy(cfg)
+    filtered.train.filter_seen = True
+    lines = []
+    got = run(filtered, log=lines.append)
+    text = "\n".join(lines)
+    assert "[cache] SFT checkpoint" in text and "[stage] SFT" not in text
+    stage = Path(got["stage"])
+    assert stage == Path(metrics["stage"]) and (stage / "eval-history-out.json").exists() and (stage / "eval.json").exists()
+    assert (Path(cfg.train.out) / "toy__sft+history-out__seed42" / "metrics.json").exists()
+    # the filtered lists hold no history item; the unfiltered ones did, so the metrics moved
+    ckpt = torch.load(stage / "checkpoint.pt", weights_only=False)
+    model = GRModel.from_state(ckpt["model_args"], ckpt["model"]).eval()
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    t = to_tensors(data_mod.split_leave_one_out(ds, cfg.data.max_his_len)["test"], "cpu")
+    seen_in = lambda items: (items[:, :, None] == t["hist"][:, None, :]).any(2)  # (N, k)
+    assert not seen_in(recommend(model, t, filtered.train, exclude_seen=True)[0]).any()
+    assert seen_in(recommend(model, t, cfg.train)[0]).any()
+    assert got["test"] != metrics["test"]
