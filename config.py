@@ -296,6 +296,9 @@ def apply_preset(cfg: Config) -> Config:
 def variant(cfg: Config) -> str:
     """'' for the full model, else the study settings that differ from the defaults, '+'-joined.
 
+    The defaults are the dataset's preset: `train.py --dataset beauty` names its GFlowGR run
+    beauty__gflowgr-tb__seed42 (Beauty's reward is r_c), the name Table 1 reads.
+
     >>> c = Config(); c.train.method, c.sampler.K, c.ft.lam = "gflowgr-tb", 0, 10.0; variant(c)
     'K0+lambda10'
     """
@@ -305,6 +308,8 @@ def variant(cfg: Config) -> str:
     if cfg.train.method not in OBJECTIVE:
         return "+".join(tag)
     base, parts = Config(), []
+    for dotted, value in PRESETS.get(cfg.data.dataset, {}).items():
+        set_field(base, dotted, value)
     for dotted, fmt in VARIANT_FIELDS:
         group, name = dotted.split(".")
         value = getattr(getattr(cfg, group), name)

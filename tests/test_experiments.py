@@ -87,6 +87,18 @@ def test_variants_change_what_they_say(studies):
     assert scores and all(s != s for s in scores)
 
 
+def test_variants_are_named_against_the_dataset_preset():
+    """Beauty's preset rewards with r_c alone: its default GFlowGR run must carry the plain name
+    that Table 1 (results.collect) reads, and the paper's reward on Beauty is the variant."""
+    from config import parse_config
+
+    assert variant(parse_config(["--dataset", "beauty"])) == ""
+    assert run_dir(parse_config(["--dataset", "beauty", "--seed", "43"])).name == "beauty__gflowgr-tb__seed43"
+    assert variant(parse_config(["--dataset", "beauty", "--reward", "ra,rc,rsim"])) == "reward-ra-rc-rsim"
+    assert variant(parse_config(["--dataset", "toy", "--reward", "rc"])) == "reward-rc"
+    assert variant(parse_config(["--dataset", "beauty", "--method", "sft", "--filter-seen"])) == "history-out"
+
+
 def test_variant_names_and_reuse(tmp_path):
     c = Config()
     c.train.method = "gflowgr-tb"
