@@ -57,10 +57,21 @@ def evaluate(model, t: dict, cfg, idx=None, desc="eval", exclude_seen: bool = Fa
     return ranking_metrics(items, target)
 
 
-def mostpop_metrics(ds, splits: dict[str, Split], k: int) -> dict[str, dict]:
-    """MostPop: every user gets the k items most frequent in the training part, scored by the same code."""
-    top = np.argsort(-data_mod.item_popularity(ds), kind="stable")[:k]
-    return {name: ranking_metrics(np.tile(top, (len(splits[name]), 1)), splits[name].target) for name in ("valid", "test")}
+def mostpop_metrics(ds, splits: dict[str, Split], k: int, exclude_seen: bool = False) -> dict[str, dict]:
+    """MostPop: every user gets the k items most frequent in the training part, scored by the same
+    code; exclude_seen (--filter-seen): the k most frequent of those not in the user's history."""
+    order = np.argsort(-data_mod.item_popularity(ds), kind="stable")
+    out = {}
+    for name in ("valid", "test"):
+        sp = splits[name]
+        if not exclude_seen:
+            out[name] = ranking_metrics(np.tile(order[:k], (len(sp), 1)), sp.target)
+            continue
+        pool = order[: k + sp.hist.shape[1]]  # enough for k unseen items whatever the history
+        seen = (pool[None, :, None] == sp.hist[:, None, :]).any(2)  # (N, pool)
+        rank = np.argsort(seen, axis=1, kind="stable")[:, :k]  # the unseen first, in popularity order
+        out[name] = ranking_metrics(pool[rank], sp.target)
+    return out
 
 
 def format_table(rows: list[tuple[str, str, dict]]) -> str:

@@ -69,7 +69,7 @@ def run(cfg: Config, log=print) -> dict:
     timing["sft_s"] = time.time() - t0
 
     sft_ev = sft_evaluation(model, splits, stage, cfg, device, log)
-    pop = mostpop_metrics(ds, splits, t.topk)
+    pop = mostpop_metrics(ds, splits, t.topk, exclude_seen=t.filter_seen)
 
     out_dir = run_dir(cfg)
     result = {"sft": sft_info, "sft_eval": sft_ev, "mostpop": pop, "tokenizer": tok_report, "stage": str(stage)}

@@ -38,3 +38,18 @@ def test_mostpop_uses_training_popularity(toy_run):
     top = np.argsort(-data_mod.item_popularity(ds), kind="stable")[:10]
     expected = ranking_metrics(np.tile(top, (len(splits["test"]), 1)), splits["test"].target)
     assert metrics["mostpop"]["test"] == pytest.approx(expected)
+
+
+def test_mostpop_without_the_history_by_hand(monkeypatch):
+    """--filter-seen's MostPop: a user whose history holds the two most popular items gets the
+    next ones, in popularity order; a user with none of them gets the plain list."""
+    import evaluation
+
+    monkeypatch.setattr(data_mod, "item_popularity", lambda _: np.array([50, 40, 30, 20, 10, 5]))  # item 0 first
+    split = data_mod.Split(hist=np.array([[0, 1, -1], [5, -1, -1]]), hist_len=np.array([2, 1]),
+                           target=np.array([2, 3]), user=np.array([0, 1]))
+    got = evaluation.mostpop_metrics(None, {"valid": split, "test": split}, k=2, exclude_seen=True)
+    plain = evaluation.mostpop_metrics(None, {"valid": split, "test": split}, k=2)
+    # user 0 gets [2, 3]: target 2 at rank 1 (NDCG 1); user 1 gets [0, 1]: target 3 missed
+    assert got["test"]["hr@5"] == pytest.approx(0.5) and got["test"]["ndcg@5"] == pytest.approx(0.5)
+    assert plain["test"]["hr@5"] == pytest.approx(0.0)  # [0, 1] for both users: neither target
