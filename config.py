@@ -71,7 +71,7 @@ class TrainConfig:
     eval_users: int = field(default=0, metadata={"help": "valid users scored after each epoch for early stopping (0 = all)"})
     eval_from: int = field(default=1, metadata={"help": "first SFT epoch scored on validation; earlier ones only train and cannot be the kept epoch (the last epoch is always scored)"})
     bf16: bool = field(default=False, metadata={"help": "SFT training steps under bfloat16 autocast (fast on CPUs with AVX512-BF16 / AMX and on GPUs; evaluation stays float32). 1.2-1.3x faster on such a CPU; off by default: on Beauty one of three seeds fell under the accuracy floor (BENCHMARKS.md, 2026-12-04)"})
-    filter_seen: bool = field(default=False, metadata={"help": "GR evaluation: leave each user's history items (the last --max-his-len it sees) out of the beam search's list, as --cm-filter-seen does for the CM's ranking (Beauty has no repeats). Final valid/test lists only: early stopping and model selection still rank with the history in"})
+    filter_seen: bool = field(default=False, metadata={"help": "GR evaluation: leave each user's history items (the last --max-his-len it sees) out of the beam search's list, as --cm-filter-seen does for the CM's ranking (Beauty and toy have no repeats; on Yelp 5-7%% of the targets are repeats and would be lost). Final valid/test lists only: early stopping and model selection still rank with the history in"})
     beam: int = field(default=20, metadata={"help": "beam width of the constrained beam search"})
     topk: int = field(default=10, metadata={"help": "length of the recommendation list"})
     eval_batch: int = field(default=512, metadata={"help": "users per beam-search batch"})
