@@ -43,7 +43,7 @@ METHODS = ("sft", *FINETUNE_METHODS)  # sft, then the fine-tuning methods of fin
 TABLE_BASELINES, TABLE_GFLOWGR = results.BASELINES, results.GFLOWGR  # in the paper's row order
 TABLE_METHODS = (*TABLE_BASELINES, *TABLE_GFLOWGR, "sft-continued")
 BACKBONES = ("tiger", "letter")
-STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-regime")  # experiments.py
+STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-regime", "tilt")  # experiments.py, tilt.py
 # The settings the studies vary (Table 2, Fig. 3). A GFlowGR run whose config differs from
 # the default in any of them is a variant: its folder name says how (see `variant`), so an
 # ablation never overwrites the full model and identical configs share one run.

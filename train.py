@@ -4,6 +4,7 @@
     python train.py --dataset beauty --method sft       one run of any method (config.METHODS)
     python train.py --dataset beauty --method all --seeds 42 43 44    Table 1 with t-tests (pipeline.run_table)
     python train.py --dataset beauty --study ablation   an analysis study (experiments.py)
+    python train.py --dataset beauty --study tilt       how much of its target the fine-tuning learned (tilt.py)
     torchrun --standalone --nproc_per_node 2 train.py --dataset toy    the same on 2 processes (distributed.py)
 
 Every flag is a field of config.Config (`python train.py --help`); a data set's preset fills
@@ -18,6 +19,7 @@ import sys
 import distributed
 import experiments
 import pipeline
+import tilt
 from config import Config, finalize, parse_config
 from data import DataError
 
@@ -27,6 +29,8 @@ def main(cfg: Config, log=print) -> dict:
     study's or table's summary, or the run's metrics (its metrics.json). Under torchrun the
     process group is joined first (distributed.py); without it nothing changes."""
     distributed.init(cfg)
+    if cfg.train.study == "tilt":
+        return tilt.study_tilt(cfg, log)
     if cfg.train.study:
         return experiments.run_study(cfg, log)
     if cfg.train.method == "all" or cfg.train.seeds:

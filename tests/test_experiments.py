@@ -28,7 +28,7 @@ def studies(tmp_path_factory):
     """Every study once on toy, all in one runs folder (so they share runs as on Beauty)."""
     out = tmp_path_factory.mktemp("studies")
     lines = []
-    got = {s: experiments.run_study(study_cfg(out, s), log=lines.append) for s in STUDIES}
+    got = {s: main(study_cfg(out, s), log=lines.append) for s in STUDIES}  # train.main: tilt is tilt.py's
     return out, got, lines
 
 
@@ -229,3 +229,19 @@ def test_fusion_study_reports_sft_without_its_history(studies):
     assert 0.0 <= p["history_share_of_sft_topk"]["test"] <= 1.0
     assert p["sft_no_history"]["test"]["ndcg@10"] >= p["curve"]["test"][0] - 1e-12  # alpha 0 = the pool in SFT's order
     assert "| SFT, history items left out |" in (out / "results" / "toy_fusion.md").read_text()
+
+
+def test_tilt_study_gflowgr_learns_part_of_its_target_and_the_control_none(studies):
+    """toy, CM pool (where GFlowGR draws its trajectories): GFlowGR moves towards its target, SFT-continued does not."""
+    out, got, _ = studies
+    rows = {(r["contexts"], r["pool"], r["model"]): r for r in got["tilt"]["rows"]}
+    assert set(rows) == {(c, p, m) for c in ("trained", "held-out") for p in ("SFT top-50", "CM top-50")
+                         for m in ("gflowgr-tb", "sft-continued")}
+    for ctx in ("trained", "held-out"):
+        tb, cont = rows[(ctx, "CM top-50", "gflowgr-tb")], rows[(ctx, "CM top-50", "sft-continued")]
+        assert tb["slope"]["mean"] > cont["slope"]["mean"] + 0.05
+        assert tb["tilt"]["mean"] > 0 and tb["move"]["mean"] > 0
+    # toy keeps the paper's reward (r_a, r_sim read the label): no "target met exactly" row
+    assert set(got["tilt"]["ranking"]) == {"sft", "gflowgr-tb", "sft-continued"}
+    sft = json.loads((out / got["tilt"]["per_seed"][0]["runs"]["sft"] / "metrics.json").read_text())
+    assert got["tilt"]["ranking"]["sft"]["test"]["hr@10"]["mean"] == sft["test"]["hr@10"]

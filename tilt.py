@@ -1,0 +1,183 @@
+"""Did the fine-tuning realise its target? The reward's tilt, measured where GFlowGR trained and where it is judged.
+
+A balanced GFlowNet gives P(v | U) = R(v)^beta / Z(U) (Eq. 6 at zero loss); with --sft-prior the
+target is P_SFT(v | U) R(v)^beta / Z(U). Against the SFT model it starts from, the target moves
+each item's log-probability by
+
+    t(v) = log R_target(v) - log P_SFT(v | U)    (= beta log R(v) under --sft-prior)
+
+up to the user's log Z(U). A fine-tuned model moved it by d(v) = log P_ft(v | U) - log P_SFT(v | U).
+Centred within each user's pool of items (so log Z drops out), over all users and items:
+
+    slope  = sum d t / sum t^2              1: the whole tilt was learned, 0: none of it
+    closed = 1 - sum (t - d)^2 / sum t^2    the share of the squared distance SFT -> target covered
+
+for two pools per user, SFT's beam top-50 (the items that decide its list) and the CM's top-50
+(where `--candidates cm` draws the augmented trajectories), and two sets of contexts: training
+samples (the one fine-tuning epoch saw each once, with K of those candidates) and validation
+users (never trained on). The user's own items are left out of both pools (under --cm-filter-seen
+their r_c is 0, and no candidate source samples them). SFT-continued (Eq. 1 alone, the same budget) is the control. A second
+table ranks SFT's top-50 by log P_SFT + t, the target met exactly on those items, next to the
+models' own lists: the accuracy the target holds, apart from how much of it was learned.
+
+The target of a reward with r_a or r_sim depends on the sample's observed item (column 0 of
+Sec. 3.2's reward); the tilt is then measured against each sample's own target, and the
+"target met exactly" row, which would read the label, is left out.
+
+Usage: `python train.py --dataset beauty --study tilt --seeds 42`
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import plotly.graph_objects as go
+import torch
+
+import collab
+import data as data_mod
+import metrics as M
+import results
+from batches import to_tensors, trim
+from config import Config, finalize, run_dir
+from evaluation import recommend
+from experiments import METRICS, _fmt, gflowgr_method, load_model, seeds_of, study_config, write_outputs
+from finetune import trajectory_rewards
+from pipeline import run_or_reuse
+from runtime import resolve_device
+
+TILT_USERS = 2000  # contexts per set (training samples, validation users), drawn with the seed
+TILT_POOL = 50  # items per user in each pool
+CONTROL = "sft-continued"
+
+
+@torch.no_grad()
+def pools(sft: torch.nn.Module, cm, t: dict, idx: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
+    """{"SFT top-50": (n, pool), "CM top-50": (n, pool)} item ids for the samples idx of t."""
+    tc = copy.copy(cfg.train)
+    tc.beam, tc.topk = max(cfg.train.beam, TILT_POOL), TILT_POOL
+    sft_top, _ = recommend(sft, t, tc, idx, desc="SFT top-50")  # (n, pool), -1 where the trie has fewer items
+    cm_top = torch.cat([cm.full_scores(trim(t["hist"][b], t["hist_len"][b]), t["hist_len"][b])
+                        .topk(TILT_POOL, dim=1).indices.cpu() for b in idx.split(1024)])  # (n, pool)
+    return {"SFT top-50": sft_top, "CM top-50": cm_top}
+
+
+@torch.no_grad()
+def log_probs(model, t: dict, idx: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """log P(v | U) of the pool items (n, pool) under model, for the samples idx."""
+    out = []
+    for rows in torch.arange(len(idx)).split(256):
+        b = idx[rows]
+        hl = t["hist_len"][b]
+        log_pf, *_ = model.trajectories(trim(t["hist"][b], hl), hl, items[rows].clamp_min(0).to(hl.device))  # (b, pool, L)
+        out.append(log_pf.sum(-1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def target_tilt(sft, cm, t: dict, idx: torch.Tensor, items: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """t(v) = log R_target(v) - log P_SFT(v | U) of the pool items (n, pool) (module docstring)."""
+    out = []
+    for rows in torch.arange(len(idx)).split(256):
+        b = idx[rows]
+        hl = t["hist_len"][b]
+        hist = trim(t["hist"][b], hl)
+        cols = torch.cat([t["target"][b, None], items[rows].clamp_min(0).to(hl.device)], 1)  # column 0: the observed item
+        r_c = cm.score(hist, hl, cols)  # (b, 1 + pool)
+        _, log_r = trajectory_rewards(sft, cols, r_c, cfg)  # (b, 1 + pool): beta log R, floored
+        if not cfg.ft.sft_prior:  # the target is R^beta / Z alone: its tilt from SFT subtracts log P_SFT
+            log_r = log_r - sft.trajectories(hist, hl, cols)[0].sum(-1)
+        out.append(log_r[:, 1:].cpu())
+    return torch.cat(out)
+
+
+def realised(d: torch.Tensor, tilt: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
+    """slope and closed (module docstring) of moves d against the tilt, both (n, pool); valid marks real items."""
+    n = valid.sum(1, keepdim=True).clamp_min(1)
+    centre = lambda x: torch.where(valid, x - (x * valid).sum(1, keepdim=True) / n, 0.0)  # within each user
+    dc, tc = centre(d), centre(tilt)
+    sst = float((tc ** 2).sum())
+    return {"slope": float((dc * tc).sum()) / sst, "closed": 1.0 - float(((tc - dc) ** 2).sum()) / sst,
+            "move": float(dc.abs().sum() / valid.sum()), "tilt": float(tc.abs().sum() / valid.sum())}
+
+
+def study_tilt(cfg: Config, log=print) -> dict:
+    """The realised share of the target's tilt for GFlowGR and SFT-continued, on trained and held-out contexts."""
+    cfg = finalize(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    method, seeds = gflowgr_method(cfg), seeds_of(cfg)
+    device = resolve_device(cfg.train.device)
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
+    tensors = {name: to_tensors(splits[name], device) for name in ("train", "valid", "test")}
+    label_free = cfg.ft.reward == "rc"  # the target does not read the observed item
+    per_seed = []
+    for seed in seeds:
+        cfgs = {name: study_config(cfg, name, seed, {}) for name in ("sft", method, CONTROL)}
+        run_metrics = {}
+        for name, c in cfgs.items():
+            log(f"\n=== tilt: {name}, seed {seed} ===")
+            run_metrics[name] = run_or_reuse(c, log)
+        c = cfgs[method]
+        models = {name: load_model(cfgs[name], device) for name in cfgs}
+        cm, _ = collab.load_or_train(ds, splits, c.cm, Path(c.train.out) / ds.name, device, log)
+        cm.to(device).eval()
+        g = torch.Generator().manual_seed(seed)
+        contexts = {"trained": torch.randperm(len(tensors["train"]["target"]), generator=g)[:TILT_USERS],
+                    "held-out": torch.randperm(len(tensors["valid"]["target"]), generator=g)[:TILT_USERS]}
+        cells = []
+        for ctx, idx in contexts.items():
+            t = tensors["train" if ctx == "trained" else "valid"]
+            for pool, items in pools(models["sft"], cm, t, idx, c).items():
+                valid = (items >= 0) & ~collab.in_history(items, t["hist"][idx].cpu())  # real items the user has not got
+                tilt = target_tilt(models["sft"], cm, t, idx, items, c)
+                base = log_probs(models["sft"], t, idx, items)
+                for name in (method, CONTROL):
+                    d = log_probs(models[name], t, idx, items) - base
+                    cells.append({"contexts": ctx, "pool": pool, "model": name, **realised(d, tilt, valid)})
+                    log(f"tilt, seed {seed}, {ctx}, {pool}, {name}: slope {cells[-1]['slope']:.3f}, "
+                        f"closed {cells[-1]['closed']:.3f}")
+        ranking = {name: {s: run_metrics[name][s] for s in ("valid", "test")} for name in cfgs}
+        if label_free:  # SFT's top-50 re-ranked by log P_SFT + t, every user of both splits
+            ranking["target"] = {}
+            for s in ("valid", "test"):
+                t = tensors[s]
+                idx = torch.arange(len(t["target"]))
+                items = pools(models["sft"], cm, t, idx, c)["SFT top-50"]
+                score = log_probs(models["sft"], t, idx, items) + target_tilt(models["sft"], cm, t, idx, items, c)
+                order = score.masked_fill(items < 0, float("-inf")).argsort(1, descending=True, stable=True)
+                ranking["target"][s] = M.ranking_metrics(items.gather(1, order[:, : cfg.train.topk]), t["target"].cpu())
+        per_seed.append({"seed": seed, "cells": cells, "ranking": ranking, "runs": {n: run_dir(c).name for n, c in cfgs.items()},
+                         "contexts": {ctx: len(idx) for ctx, idx in contexts.items()}})
+    return write_tilt(cfg, method, seeds, per_seed, log)
+
+
+def write_tilt(cfg: Config, method: str, seeds: list[int], per_seed: list[dict], log=print) -> dict:
+    keys = [(c["contexts"], c["pool"], c["model"]) for c in per_seed[0]["cells"]]
+    stat = lambda k, f: results.seed_stats([next(c[f] for c in p["cells"] if (c["contexts"], c["pool"], c["model"]) == k)
+                                            for p in per_seed])
+    rows = {k: {f: stat(k, f) for f in ("slope", "closed", "move", "tilt")} for k in keys}
+    seeds_s = ", ".join(map(str, seeds))
+    lines = [f"# How much of its target did fine-tuning learn? {cfg.data.dataset} ({cfg.train.backbone.upper()}), "
+             f"seeds {seeds_s}, " + ", ".join(f"{n:,} {ctx} contexts" for ctx, n in per_seed[0]["contexts"].items()), "",
+             "| contexts | pool | model | slope | closed | mean move (nats) | mean tilt (nats) |", "|---|---|---|---|---|---|---|"]
+    for k in keys:
+        lines.append(f"| {k[0]} | {k[1]} | {results.display(k[2])} | "
+                     + " | ".join(_fmt(rows[k][f]) for f in ("slope", "closed", "move", "tilt")) + " |")
+    names = list(per_seed[0]["ranking"])
+    label = {"target": "SFT's top-50 ranked by the target (met exactly)"}
+    lines += ["", "| model | " + " | ".join(f"{s} {m.upper()}" for s in ("valid", "test") for m in ("hr@10", "ndcg@10"))
+              + " |", "|---|" + "---|" * 4]
+    ranking = {n: {s: {m: results.seed_stats([p["ranking"][n][s][m] for p in per_seed]) for m in METRICS}
+                   for s in ("valid", "test")} for n in names}
+    for n in names:
+        lines.append(f"| {label.get(n, results.display(n))} | "
+                     + " | ".join(_fmt(ranking[n][s][m]) for s in ("valid", "test") for m in ("hr@10", "ndcg@10")) + " |")
+    summary = {"study": "tilt", "dataset": cfg.data.dataset, "backbone": cfg.train.backbone, "method": method,
+               "seeds": seeds, "users": TILT_USERS, "pool": TILT_POOL, "per_seed": per_seed,
+               "rows": [{"contexts": k[0], "pool": k[1], "model": k[2], **rows[k]} for k in keys], "ranking": ranking}
+    fig = go.Figure([go.Bar(x=[f"{k[0]}, {k[1]}" for k in keys if k[2] == n], y=[rows[k]["slope"]["mean"] for k in keys if k[2] == n],
+                            name=results.display(n)) for n in (method, CONTROL)])
+    fig.update_layout(barmode="group", title="Share of the target's tilt the fine-tuned model learned (slope)", yaxis_title="slope")
+    return write_outputs(cfg, "tilt", "\n".join(lines) + "\n", summary, fig, log)
