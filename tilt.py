@@ -101,6 +101,12 @@ def realised(d: torch.Tensor, tilt: torch.Tensor, valid: torch.Tensor) -> dict[s
             "move": float(dc.abs().sum() / valid.sum()), "tilt": float(tc.abs().sum() / valid.sum())}
 
 
+def ranked(items: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k of each pool (n, pool) by score (n, pool), ties in pool order, padding (-1) last: (n, k)."""
+    order = score.masked_fill(items < 0, float("-inf")).argsort(dim=1, descending=True, stable=True)[:, :k]
+    return items.gather(1, order)
+
+
 def study_tilt(cfg: Config, log=print) -> dict:
     """The realised share of the target's tilt for GFlowGR and SFT-continued, on trained and held-out contexts."""
     cfg = finalize(cfg)
@@ -146,8 +152,7 @@ def study_tilt(cfg: Config, log=print) -> dict:
                 idx = torch.arange(len(t["target"]))
                 items = pools(models["sft"], cm, t, idx, c)["SFT top-50"]
                 score = log_probs(models["sft"], t, idx, items) + target_tilt(models["sft"], cm, t, idx, items, c)
-                order = score.masked_fill(items < 0, float("-inf")).argsort(1, descending=True, stable=True)
-                ranking["target"][s] = M.ranking_metrics(items.gather(1, order[:, : cfg.train.topk]), t["target"].cpu())
+                ranking["target"][s] = M.ranking_metrics(ranked(items, score, cfg.train.topk), t["target"].cpu())
         per_seed.append({"seed": seed, "cells": cells, "ranking": ranking, "runs": {n: run_dir(c).name for n, c in cfgs.items()},
                          "contexts": {ctx: len(idx) for ctx, idx in contexts.items()}})
     return write_tilt(cfg, method, seeds, per_seed, log)

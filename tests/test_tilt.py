@@ -48,3 +48,9 @@ def test_target_tilt_is_beta_log_r_c_under_the_sft_prior_and_minus_log_p_sft_wit
     got = tilt.target_tilt(sft, cm, t, torch.arange(2), items, parse_config(flags + ["--no-sft-prior"]))
     assert got.tolist() == [pytest.approx([b(0.9) + 1, b(0.25) + 2, b(0.0) + 3]),
                             pytest.approx([b(0.04) + 4, b(0.25) + 2, b(0.9) + 1])]
+
+
+def test_ranked_orders_each_pool_by_its_score_with_padding_last():
+    items = torch.tensor([[7, 3, 9, -1], [4, 5, 6, 8]])
+    score = torch.tensor([[0.1, 2.0, -1.0, 5.0], [1.0, 1.0, 3.0, 0.0]])  # the padding's 5.0 must not count
+    assert tilt.ranked(items, score, 3).tolist() == [[3, 7, 9], [6, 4, 5]]  # 4 before 5: the tie keeps pool order
