@@ -8,7 +8,8 @@ valid and test users -> the run folder and the printed table:
                                             checkpoint.pt, inspect.json (fine-tuned runs)
 
 The expensive stages are cached (stages.py, collab.load_or_train); a run that finished with
-the same config is reused (`run_or_reuse`); `run_table` runs every (method, seed) of
+the same config is reused (`run_or_reuse`), and so is the fine-tuned model of its ranked-in
+twin for a --filter-seen run (`ranked_with_history_in`); `run_table` runs every (method, seed) of
 --method all / --seeds and writes results/<dataset>_<backbone>.md with the t-tests.
 
 Usage: `metrics = run(config.apply_preset(Config()))`   (the command line is train.py)
@@ -35,6 +36,7 @@ from config import (RANKING_VARIANT, TABLE_BASELINES, TABLE_GFLOWGR, TABLE_METHO
                     run_identity)
 from evaluation import evaluate, format_table, mostpop_metrics
 from finetune import finetune
+from gflowgr import GFlowNetHeads
 from inspection import build_inspect
 from runtime import JsonlLogger, peak_memory_mb, resolve_device
 from stages import semantic_ids, sft_evaluation, sft_stage
@@ -90,21 +92,32 @@ def run(cfg: Config, log=print) -> dict:
         timing["cm_s"] = time.time() - t0
         sft_model = copy.deepcopy(model).eval()
         tensors = {name: to_tensors(splits[name], device) for name in ("train", "valid", "test")}
-        resume_path = out_dir / "resume.pt"
-        resume = cache.load_resume(resume_path, run_identity(cfg), t.method, log)
-        logger = JsonlLogger(out_dir / "metrics.jsonl", resume["log_bytes"] if resume else None)
         t0 = time.time()
-        log(f"[stage] {t.method}: {cfg.ft.ft_epochs} epochs from the SFT checkpoint")
-        heads, sampler, ft_info = finetune(model, cm, tensors["train"], tensors["valid"], cfg, t.method, logger, log,
-                                           resume_path, resume, identity=run_identity(cfg))
-        logger.close()
+        ranked_in = ranked_with_history_in(cfg)
+        reused = reuse_finetuned(ranked_in, model, cfg, device, log) if ranked_in is not None else None
+        if reused is not None:  # --filter-seen: the same run ranked with the history in has the model
+            heads, ft_info, inspect = reused
+            if distributed.is_main():
+                out_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(ranked_in / "metrics.jsonl", out_dir / "metrics.jsonl.tmp")
+                os.replace(out_dir / "metrics.jsonl.tmp", out_dir / "metrics.jsonl")
+        else:
+            resume_path = out_dir / "resume.pt"
+            resume = cache.load_resume(resume_path, run_identity(cfg), t.method, log)
+            logger = JsonlLogger(out_dir / "metrics.jsonl", resume["log_bytes"] if resume else None)
+            log(f"[stage] {t.method}: {cfg.ft.ft_epochs} epochs from the SFT checkpoint")
+            heads, sampler, ft_info = finetune(model, cm, tensors["train"], tensors["valid"], cfg, t.method, logger, log,
+                                               resume_path, resume, identity=run_identity(cfg))
+            logger.close()
+            inspect = None
         timing["finetune_s"] = time.time() - t0
         t0 = time.time()
         ev = {name: evaluate(model, tensors[name], t, desc=name, exclude_seen=t.filter_seen) for name in ("valid", "test")}
         timing["eval_s"] = time.time() - t0
         result.update(test=ev["test"], valid=ev["valid"], finetune=ft_info, cm={k: cm_info[k] for k in ("valid", "test")})
         rows = {t.method.upper(): ev, **rows, "CM (SASRec)": cm_info}
-        inspect = build_inspect(sft_model, model, heads, cm, sampler, tensors["test"], cfg, t.method, ds)
+        if inspect is None:  # (reused: the ranked-in run's, which the ranking does not change)
+            inspect = build_inspect(sft_model, model, heads, cm, sampler, tensors["test"], cfg, t.method, ds)
         ckpt_src = None
     timing["total_s"] = time.time() - t_start
     result.update(timing=timing, peak_memory_mb=peak_memory_mb(), world_size=distributed.world())
@@ -127,6 +140,35 @@ def run(cfg: Config, log=print) -> dict:
     log("\n" + format_table([(split, name, m[split]) for split in ("test", "valid") for name, m in rows.items()]))
     log(f"\nrun folder: {out_dir}   total {timing['total_s']:.0f}s")
     return result
+
+
+def ranked_with_history_in(cfg: Config) -> Path | None:
+    """For a --filter-seen fine-tuning run, the folder of the same run ranked with the history in,
+    if it has finished (else None). --filter-seen changes only the final lists, not the training
+    (early stopping and the fine-tuning's validation rank with the history in), so that run's
+    fine-tuned model is this run's model, and retraining it would only cost time."""
+    if not cfg.train.filter_seen or cfg.train.method == "sft":
+        return None
+    plain = copy.deepcopy(cfg)
+    plain.train.filter_seen = False
+    d = run_dir(plain)
+    have = all((d / name).exists() for name in ("checkpoint.pt", "inspect.json", "metrics.jsonl"))
+    return d if have and finished(plain) else None
+
+
+def reuse_finetuned(ranked_in: Path, model, cfg: Config, device, log=print):
+    """Load the fine-tuned backbone of the finished run ranked_in into model; returns (heads, the
+    run's fine-tuning info, its inspect.json), or None if its checkpoint is unreadable (then the
+    caller fine-tunes)."""
+    ckpt = cache.load(ranked_in / "checkpoint.pt", "the fine-tuned checkpoint", log, map_location=device)
+    if ckpt is None:
+        return None
+    log(f"[reuse] {cfg.train.method}: the fine-tuned model of {ranked_in} (--filter-seen changes only the lists)")
+    model.load_state_dict(ckpt["model"])
+    heads = GFlowNetHeads(**ckpt["heads_args"]).to(device)
+    heads.load_state_dict(ckpt["heads"])
+    ft_info = json.loads((ranked_in / "metrics.json").read_text())["finetune"]
+    return heads, ft_info, json.loads((ranked_in / "inspect.json").read_text())
 
 
 def run_or_reuse(cfg: Config, log=print) -> dict:

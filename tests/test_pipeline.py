@@ -13,7 +13,7 @@ from conftest import tiny_config
 from config import finalize
 from evaluation import evaluate
 from gflowgr import GRModel
-from pipeline import run, run_table
+from pipeline import ranked_with_history_in, run, run_table
 
 KEYS = {"hr@5", "hr@10", "ndcg@5", "ndcg@10"}
 
@@ -80,3 +80,35 @@ def test_letter_backbone_trains_the_cm_first_and_keeps_its_own_runs(tmp_path):
     assert metrics["tokenizer"]["collision_rate"] >= 0 and "letter_cf_cos" in metrics["tokenizer"]
     assert (tmp_path / "toy__letter__sft__seed42" / "metrics.json").exists()
     assert not (tmp_path / "toy__sft__seed42").exists()
+
+
+def test_filter_seen_reuses_the_fine_tuned_model_of_the_run_ranked_with_the_history_in(toy_run, tmp_path):
+    """--filter-seen on a fine-tuning run whose ranked-in run has finished: its fine-tuned model is
+    loaded, not retrained, and the lists are that model's with the history out."""
+    import shutil
+
+    import config
+
+    base, _, _ = toy_run
+    shutil.copytree(base.train.out, tmp_path / "runs")  # the SFT stage, cached
+    cfg = copy.deepcopy(base)
+    cfg.train.out, cfg.train.method, cfg.ft.ft_epochs, cfg.cm.epochs = str(tmp_path / "runs"), "gflowgr-tb", 1, 5
+    filtered = copy.deepcopy(cfg)
+    filtered.train.filter_seen = True
+    assert ranked_with_history_in(filtered) is None  # nothing ranked-in has run yet: it would fine-tune
+    plain = run(cfg, log=lambda *a: None)
+    lines = []
+    reused = run(filtered, log=lines.append)
+    text = "\n".join(lines)
+    assert "[reuse] gflowgr-tb" in text and "[stage] gflowgr-tb" not in text
+    ckpt = torch.load(config.run_dir(cfg) / "checkpoint.pt", weights_only=False)
+    model = GRModel.from_state(ckpt["model_args"], ckpt["model"]).eval()
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
+    for split in ("valid", "test"):  # the ranked-in run's model, ranked with the history out
+        assert reused[split] == evaluate(model, to_tensors(splits[split], "cpu"), filtered.train, exclude_seen=True), split
+    assert reused["test"] != plain["test"]  # the lists did change
+    assert reused["finetune"] == plain["finetune"]
+    d, src = config.run_dir(filtered), config.run_dir(cfg)
+    assert json.loads((d / "inspect.json").read_text()) == json.loads((src / "inspect.json").read_text())
+    assert (d / "checkpoint.pt").exists() and (d / "metrics.jsonl").read_text() == (src / "metrics.jsonl").read_text()
