@@ -101,9 +101,11 @@ def realised(d: torch.Tensor, tilt: torch.Tensor, valid: torch.Tensor) -> dict[s
             "move": float(dc.abs().sum() / valid.sum()), "tilt": float(tc.abs().sum() / valid.sum())}
 
 
-def ranked(items: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
-    """The top-k of each pool (n, pool) by score (n, pool), ties in pool order, padding (-1) last: (n, k)."""
-    order = score.masked_fill(items < 0, float("-inf")).argsort(dim=1, descending=True, stable=True)[:, :k]
+def ranked(items: torch.Tensor, score: torch.Tensor, k: int, drop: torch.Tensor | None = None) -> torch.Tensor:
+    """The top-k of each pool (n, pool) by score (n, pool), ties in pool order, padding (-1) and the
+    items marked in drop (n, pool) last: (n, k)."""
+    last = items < 0 if drop is None else (items < 0) | drop
+    order = score.masked_fill(last, float("-inf")).argsort(dim=1, descending=True, stable=True)[:, :k]
     return items.gather(1, order)
 
 
@@ -146,13 +148,18 @@ def study_tilt(cfg: Config, log=print) -> dict:
                         f"closed {cells[-1]['closed']:.3f}")
         ranking = {name: {s: run_metrics[name][s] for s in ("valid", "test")} for name in cfgs}
         if label_free:  # SFT's top-50 re-ranked by log P_SFT + t, every user of both splits
-            ranking["target"] = {}
+            # the target gives the user's own items r_c = 0 under --cm-filter-seen, so its list holds
+            # almost none: beside it, SFT's own list with the history out, the fair comparison
+            ranking["target"], ranking["sft-history-out"] = {}, {}
             for s in ("valid", "test"):
                 t = tensors[s]
                 idx = torch.arange(len(t["target"]))
                 items = pools(models["sft"], cm, t, idx, c)["SFT top-50"]
-                score = log_probs(models["sft"], t, idx, items) + target_tilt(models["sft"], cm, t, idx, items, c)
+                base = log_probs(models["sft"], t, idx, items)
+                score = base + target_tilt(models["sft"], cm, t, idx, items, c)
                 ranking["target"][s] = M.ranking_metrics(ranked(items, score, cfg.train.topk), t["target"].cpu())
+                seen = collab.in_history(items, t["hist"].cpu())
+                ranking["sft-history-out"][s] = M.ranking_metrics(ranked(items, base, cfg.train.topk, seen), t["target"].cpu())
         per_seed.append({"seed": seed, "cells": cells, "ranking": ranking, "runs": {n: run_dir(c).name for n, c in cfgs.items()},
                          "contexts": {ctx: len(idx) for ctx, idx in contexts.items()}})
     return write_tilt(cfg, method, seeds, per_seed, log)
@@ -171,7 +178,7 @@ def write_tilt(cfg: Config, method: str, seeds: list[int], per_seed: list[dict],
         lines.append(f"| {k[0]} | {k[1]} | {results.display(k[2])} | "
                      + " | ".join(_fmt(rows[k][f]) for f in ("slope", "closed", "move", "tilt")) + " |")
     names = list(per_seed[0]["ranking"])
-    label = {"target": "SFT's top-50 ranked by the target (met exactly)"}
+    label = {"target": "SFT's top-50 ranked by the target (met exactly)", "sft-history-out": "SFT's top-50, history out"}
     lines += ["", "| model | " + " | ".join(f"{s} {m.upper()}" for s in ("valid", "test") for m in ("hr@10", "ndcg@10"))
               + " |", "|---|" + "---|" * 4]
     ranking = {n: {s: {m: results.seed_stats([p["ranking"][n][s][m] for p in per_seed]) for m in METRICS}

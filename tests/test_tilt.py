@@ -54,3 +54,5 @@ def test_ranked_orders_each_pool_by_its_score_with_padding_last():
     items = torch.tensor([[7, 3, 9, -1], [4, 5, 6, 8]])
     score = torch.tensor([[0.1, 2.0, -1.0, 5.0], [1.0, 1.0, 3.0, 0.0]])  # the padding's 5.0 must not count
     assert tilt.ranked(items, score, 3).tolist() == [[3, 7, 9], [6, 4, 5]]  # 4 before 5: the tie keeps pool order
+    drop = torch.tensor([[False, True, False, False], [False, False, True, False]])  # e.g. the user's own items
+    assert tilt.ranked(items, score, 3, drop).tolist() == [[7, 9, 3], [4, 5, 8]]
