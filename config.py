@@ -76,7 +76,7 @@ class TrainConfig:
     topk: int = field(default=10, metadata={"help": "length of the recommendation list"})
     eval_batch: int = field(default=512, metadata={"help": "users per beam-search batch"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
-    study: str = field(default="", metadata={"help": "run an analysis study instead of one run: ablation | k | lambda | diversity | exposure | fusion | paper-regime (experiments.py, writes results/<dataset>_<study>.*)"})
+    study: str = field(default="", metadata={"help": "run an analysis study instead of one run: ablation | k | lambda | diversity | exposure | fusion | paper-regime | tilt (experiments.py, tilt.py; writes results/<dataset>_<study>.*)"})
     tag: str = field(default="", metadata={"help": "a name appended to the run folder (<method>+<tag>), to keep a study's runs apart"})
     regime_epochs: int = field(default=3, metadata={"help": "paper-regime study: SFT epochs of the under-trained starting point (chosen on validation)"})
     diversity_users: int = field(default=200, metadata={"help": "diversity study: test users whose whole item distribution P(v|U) is computed (~1 s each on a CPU for Beauty; 0 = all)"})
