@@ -55,6 +55,7 @@ LOG_FLOW_FORMS = ("head", "prefix")
 @dataclass
 class FinetuneConfig:
     ft_epochs: int = field(default=2, metadata={"help": "fine-tuning epochs (every fine-tuning method: same budget)"})
+    ft_last: int = field(default=0, metadata={"help": "fine-tune on each user's N most recent training contexts only (0: all of them, the paper's setting). A user's validation and test contexts are their last training context plus one and two items: the contexts nearest to those GFlowGR is judged on"})
     ft_lr: float = field(default=3e-4, metadata={"help": "fine-tuning learning rate of the backbone"})
     head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the log Z / log F heads (larger, as GFlowNets use)"})
     head_warmup: int = field(default=200, metadata={"help": "first steps train only the log Z / log F heads (backbone frozen)"})
@@ -165,6 +166,24 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
              "gfn/residual_aug": residual[:, 1:].mean().item() if log_r.shape[1] > 1 else float("nan"),
              "sampler/cm_score": r_c_aug.mean().item() if r_c_aug.numel() else float("nan")}
     return loss, parts, stats, terms
+
+
+def last_contexts(train_t: dict, n: int) -> dict:
+    """The rows of train_t (batches.to_tensors) that are each user's n most recent training contexts (n = 0: all).
+
+    Training samples are stored user by user, positions ascending (data.split_leave_one_out), so a
+    row is among its user's last n when fewer than n rows of the same user follow it.
+    >>> last_contexts({"user": torch.tensor([0, 0, 0, 1, 1]), "target": torch.tensor([5, 6, 7, 8, 9])}, 1)["target"]
+    tensor([7, 9])
+    """
+    if n == 0:
+        return train_t
+    user = train_t["user"]
+    n_rows = torch.bincount(user)  # (n_users,) training contexts per user
+    first = torch.cumsum(n_rows, 0) - n_rows  # (n_users,) each user's first row
+    after = first[user] + n_rows[user] - 1 - torch.arange(len(user), device=user.device)  # (N,) rows of the same user after this one
+    keep = after < n
+    return {k: v[keep] for k, v in train_t.items()}
 
 
 def grad_norms(terms: dict, params: list) -> dict:
@@ -351,6 +370,7 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str,
     """
     t, ft = cfg.train, cfg.ft
     device = train_t["target"].device
+    train_t = last_contexts(train_t, ft.ft_last)  # --ft-last: each user's most recent contexts only
     # the heads' initial weights and the dropout masks: the same whatever ran before in this
     # process (a study trains many runs in one), so a run's numbers depend on its config alone
     set_seed(t.seed)

@@ -202,3 +202,21 @@ def test_a_resume_state_with_the_old_optimiser_layout_is_refused_with_a_message(
     assert any("older version with another optimiser layout: sft-continued starts afresh" in line for line in lines)
     curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert curves[0]["step"] == 1 and metrics["finetune"]["step"] > 0 and not (d / "resume.pt").exists()
+
+
+def test_last_contexts_keep_each_users_most_recent_training_samples():
+    """--ft-last n: the rows kept are, for every user, the last n of their training samples (all if fewer)."""
+    ds = data_mod.load_dataset(data_mod.DataConfig())
+    split = data_mod.split_leave_one_out(ds)
+    t = {k: torch.as_tensor(getattr(split["train"], k)) for k in ("hist", "hist_len", "target", "user")}
+    assert finetune.last_contexts(t, 0) is t
+    for n in (1, 2):
+        kept = finetune.last_contexts(t, n)
+        for u in (0, 1, int(t["user"].max())):
+            rows = torch.nonzero(t["user"] == u).flatten()
+            want = rows[-n:]  # stored positions ascending: the last rows are the most recent contexts
+            assert torch.equal(kept["target"][kept["user"] == u], t["target"][want])
+            # the most recent context holds the longest history of that user
+            assert int(kept["hist_len"][kept["user"] == u][-1]) == int(t["hist_len"][rows].max())
+        counts = torch.bincount(t["user"])
+        assert len(kept["target"]) == int(counts.clamp_max(n).sum())
