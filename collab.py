@@ -86,12 +86,13 @@ class CollabConfig:
     negatives: int = field(default=256, metadata={"help": "CM: uniform negatives per batch for --cm-loss sampled"})
     score: str = field(default="sigmoid", metadata={"help": "CM: how a logit becomes r_c in [0, 1]: sigmoid | softmax (P_CM / max P_CM) | rank (percentile)"})
     filter_seen: bool = field(default=False, metadata={"help": "CM: leave the user's own history items out of the softmax in training and out of the ranking and r_c (Beauty has no repeats)"})
+    crossfit: int = field(default=0, metadata={"help": "CM: r_c of GFlowGR's training contexts from F cross-fitted CMs, each trained without one fold of the users (user id mod F): a user's contexts are scored by the CM that never saw them, as a validation user's are (0: the one CM trained on every user, the paper's setting). The CM's own row and every evaluation keep the full CM"})
     bucket: bool = field(default=False, metadata={"help": "CM: batches of users with similar sequence lengths, each cut to its own longest (SFT's batching; the loss keeps every position's weight). ~1.6x faster epochs; off: 0.0009 lower valid NDCG@10 on Beauty, 3 seeds (BENCHMARKS.md)"})
 
 
 CM_LOSSES = ("ce", "sampled", "bce")
 CM_SCORES = ("sigmoid", "softmax", "rank")
-NOT_CM_SETTINGS = ("score",)  # read when scoring, not when training: left out of the stage key
+NOT_CM_SETTINGS = ("score", "crossfit")  # read when scoring (crossfit: which CMs score), not when training: left out of the stage key
 CM_ADDED_LATER = ("filter_seen", "bucket")  # in the stage key only when on (False was the behaviour before them)
 
 
@@ -104,7 +105,7 @@ def _seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- data layout
 
 
-def training_sequences(ds: Dataset, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def training_sequences(ds: Dataset, max_len: int, left_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SASRec training arrays from the TRAINING part of each user, items[:-2].
 
     Returns (seq, pos, user): seq (U', max_len) inputs, pos (U', max_len) next items, both
@@ -112,11 +113,12 @@ def training_sequences(ds: Dataset, max_len: int) -> tuple[np.ndarray, np.ndarra
     Users whose training part has fewer than 2 items have no (input, next item) pair and
     are left out. Example, max_len 4: items [5, 6, 7, 8, 9, 10] -> training part [5, 6, 7, 8]
     -> seq [-1, 5, 6, 7], pos [-1, 6, 7, 8] (9 = valid target, 10 = test target, unseen).
+    left_out (n_users,) bool: users not trained on (a cross-fitted fold's).
     """
     seqs, poss, users = [], [], []
     for u, items in enumerate(ds.sequences):
         train = items[:-2][-(max_len + 1):]  # the last max_len (input, next) pairs
-        if len(train) < 2:
+        if len(train) < 2 or (left_out is not None and left_out[u]):
             continue
         pad = [-1] * (max_len + 1 - len(train))
         seqs.append(pad + train[:-1])
@@ -124,6 +126,17 @@ def training_sequences(ds: Dataset, max_len: int) -> tuple[np.ndarray, np.ndarra
         users.append(u)
     return (np.array(seqs, dtype=np.int64).reshape(-1, max_len), np.array(poss, dtype=np.int64).reshape(-1, max_len),
             np.array(users, dtype=np.int64))
+
+
+def fold_of(users: np.ndarray | torch.Tensor, folds: int):
+    """The cross-fitting fold of each user id: user mod folds (ids carry no order of behaviour)."""
+    return users % folds
+
+
+def user_subset(split: Split, keep: np.ndarray) -> Split:
+    """The rows of split whose user is marked in keep (n_users,) bool."""
+    rows = keep[split.user]
+    return Split(split.hist[rows], split.hist_len[rows], split.target[rows], split.user[rows])
 
 
 def left_pad(hist: torch.Tensor, hist_len: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -294,6 +307,10 @@ class SASRec(nn.Module):
             full.masked_fill_(seen_mask(hist, self.n_items), float("-inf"))  # in place: a fresh tensor, no gradient
         return full
 
+    def held_out(self, users: torch.Tensor) -> "SASRec":
+        """The CM that scores these users' training contexts: itself (CrossFitCM routes to the fold CMs)."""
+        return self
+
 
 class TasteOracle:
     """A control, not a CM: the toy world's truth as the reward model (`--oracle-reward`, toy only).
@@ -320,6 +337,9 @@ class TasteOracle:
         return self
 
     @torch.no_grad()
+    def held_out(self, users):
+        return self
+
     def full_scores(self, hist: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
         """r_c of every item, (B, n_items): 1 for the unseen items of the history's clusters, else 0."""
         n_clusters = int(self.cluster.max()) + 1
@@ -334,6 +354,79 @@ class TasteOracle:
         """r_c in {0, 1} for items (B, M) -> (B, M) (already in [0, 1]: no --cm-score mapping)."""
         full = self.full_scores(hist, hist_len) if full is None else full
         return full.gather(1, items)
+
+
+class CrossFitCM:
+    """Cross-fitted reward (`--cm-crossfit F`): r_c of a training context from the CM that never saw its user.
+
+    Measured on Beauty (BENCHMARKS.md, session of 2026-12-06): the full CM ranks the observed item of
+    a *training* context at median rank 20 (HR@10 0.40), of a validation context at median 934 (HR@10
+    0.12): it has learned its training transitions, so the reward GFlowGR trains on says more about
+    the training label than about taste, unlike the reward a held-out user would get. F CMs, each
+    trained without one fold of the users (user id mod F), score the training contexts of that fold
+    (`held_out(users)`); everything else (the CM's row, inspection, the baselines' rewards) reads the
+    full CM, which this object stands in for with the same interface (`cfg`, `score`, `full_scores`).
+    """
+
+    def __init__(self, full: SASRec, folds: list[SASRec]):
+        self.full, self.folds, self.cfg, self.n_items = full, folds, full.cfg, full.n_items
+
+    def to(self, device):
+        for m in [self.full, *self.folds]:
+            m.to(device)
+        return self
+
+    def eval(self):
+        for m in [self.full, *self.folds]:
+            m.eval()
+        return self
+
+    def score(self, hist, hist_len, items, full=None):
+        return self.full.score(hist, hist_len, items, full)
+
+    def full_scores(self, hist, hist_len):
+        return self.full.full_scores(hist, hist_len)
+
+    def held_out(self, users: torch.Tensor) -> "HeldOutCM":
+        """The CM of each user's fold, for a batch of users (B,)."""
+        return HeldOutCM(self.folds, fold_of(users, len(self.folds)), self.cfg)
+
+
+class HeldOutCM:
+    """A batch's view of the cross-fitted CMs: row b is scored by folds[fold[b]] (the CM interface)."""
+
+    def __init__(self, folds: list[SASRec], fold: torch.Tensor, cfg: CollabConfig):
+        self.folds, self.fold, self.cfg = folds, fold, cfg
+
+    def _by_fold(self, fn, *rows_of):
+        """fn(model, *args restricted to its rows) for every fold, reassembled in batch order."""
+        out = None
+        for f, model in enumerate(self.folds):
+            rows = torch.nonzero(self.fold == f).flatten()
+            if len(rows) == 0:
+                continue
+            part = fn(model, *[None if x is None else x[rows] for x in rows_of])
+            if out is None:
+                out = part.new_empty((len(self.fold), *part.shape[1:]))
+            out[rows] = part
+        return out
+
+    def score(self, hist, hist_len, items, full=None):
+        return self._by_fold(lambda m, h, hl, it, fu: m.score(h, hl, it, fu), hist, hist_len, items, full)
+
+    def full_scores(self, hist, hist_len):
+        return self._by_fold(lambda m, h, hl: m.full_scores(h, hl), hist, hist_len)
+
+    def held_out(self, users):
+        return self
+
+
+def cross_fitted(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, out_root: Path, full: SASRec,
+                 device="cpu", log=print) -> CrossFitCM:
+    """The full CM together with its cfg.crossfit fold CMs (each a cached stage of its own)."""
+    folds = [load_or_train(ds, splits, cfg, out_root, device, log, fold=(f, cfg.crossfit))[0].to(device).eval()
+             for f in range(cfg.crossfit)]
+    return CrossFitCM(full, folds)
 
 
 # ----------------------------------------------------------------------------- training
@@ -419,7 +512,7 @@ def evaluate_full_ranking(model: SASRec, split: Split, k_max: int = 10, batch: i
 
 
 def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, device="cpu", log=print,
-                 resume_path: Path | None = None) -> tuple[SASRec, dict]:
+                 resume_path: Path | None = None, left_out: np.ndarray | None = None) -> tuple[SASRec, dict]:
     """Train SASRec on items[:-2] of every user, early-stopped on valid NDCG@10 (full ranking).
 
     After every epoch the training state (model, optimiser, shuffling/negatives generator, the
@@ -428,10 +521,14 @@ def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, devic
 
     Returns the model at its best valid epoch (in eval mode) and
     info {epochs_run, best_epoch, train_seconds, n_params, valid: metrics, test: metrics}.
+    left_out (n_users,) bool: a cross-fitted fold's CM (cross_fitted): these users are not trained
+    on, and validation (early stopping) and the reported metrics are theirs alone.
     """
     _seed_everything(cfg.seed)
     device = torch.device(device)
-    seq, pos, users = training_sequences(ds, cfg.max_len)
+    seq, pos, users = training_sequences(ds, cfg.max_len, left_out)
+    if left_out is not None:  # judged on the users it never saw, as the CM's r_c is used on them
+        splits = {name: user_subset(split, left_out) for name, split in splits.items() if name != "train"}
     if len(users) == 0:
         raise ValueError(f"{ds.name}: no user has 2 or more training items; SASRec has nothing to learn from")
     seq, pos = torch.from_numpy(seq), torch.from_numpy(pos)  # (U', max_len) each
@@ -547,36 +644,43 @@ def train_sasrec(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, devic
 # ----------------------------------------------------------------------------- cached stage
 
 
-def cm_key(ds: Dataset, cfg: CollabConfig) -> str:
+def cm_key(ds: Dataset, cfg: CollabConfig, fold: tuple[int, int] | None = None) -> str:
     """Stage key: hash of (data set name, n_items, config) plus a fingerprint of the sequences.
 
     The fingerprint is there because name and n_items alone do not tell two toy worlds
     (e.g. another --toy-users) apart, and a stale CM would silently score the wrong users.
+    fold (f, F): the cross-fitted CM trained without fold f of F (cross_fitted); None: the full CM.
     """
     seqs = hashlib.sha256(json.dumps(ds.sequences).encode()).hexdigest()[:16]
     trained_by = {k: v for k, v in asdict(cfg).items() if k not in NOT_CM_SETTINGS}
     for late in CM_ADDED_LATER:  # added later: at their defaults the key of a CM cached before them is unchanged
         if not getattr(cfg, late):
             del trained_by[late]
-    blob = json.dumps([ds.name, ds.n_items, trained_by, seqs, *distributed.key()], sort_keys=True)  # key(): [] for one process
+    fold_part = [] if fold is None else [{"fold": list(fold)}]  # [] for the full CM: its key is unchanged
+    blob = json.dumps([ds.name, ds.n_items, trained_by, seqs, *fold_part, *distributed.key()], sort_keys=True)  # key(): [] for one process
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def load_or_train(ds: Dataset, splits: dict[str, Split], cfg: CollabConfig, out_root: Path, device="cpu",
-                  log=print) -> tuple[SASRec, dict]:
+                  log=print, fold: tuple[int, int] | None = None) -> tuple[SASRec, dict]:
     """The CM from out_root/cm-<key>/checkpoint.pt if it exists, else trained and saved there (atomically).
 
-    Returns (model in eval mode, info as from train_sasrec).
+    Returns (model in eval mode, info as from train_sasrec). fold (f, F): the CM trained without
+    the users of fold f (cross_fitted).
     """
-    path = Path(out_root) / f"cm-{cm_key(ds, cfg)}" / "checkpoint.pt"
-    ckpt = cache.load(path, "collaborative model", log, map_location=device)  # None if absent or damaged
+    path = Path(out_root) / f"cm-{cm_key(ds, cfg, fold)}" / "checkpoint.pt"
+    what = "collaborative model" if fold is None else f"collaborative model without fold {fold[0] + 1} of {fold[1]}"
+    ckpt = cache.load(path, what, log, map_location=device)  # None if absent or damaged
     if ckpt is not None:
-        log(f"[cache] collaborative model: {path} (skipping training)")
+        log(f"[cache] {what}: {path} (skipping training)")
         model = SASRec.from_state(ckpt["model_args"], ckpt["model"]).to(device).eval()
         model.cfg = replace(model.cfg, score=cfg.score)  # the caller's r_c mapping, not the one it was trained with
         return model, ckpt["info"]
     # the stage folder is keyed by the config, so a resume state in it is this config's
-    model, info = train_sasrec(ds, splits, cfg, device=device, log=log, resume_path=path.parent / "resume.pt")
+    left_out = None if fold is None else fold_of(np.arange(ds.n_users), fold[1]) == fold[0]
+    if left_out is not None:
+        log(f"[stage] {what}: {int(left_out.sum()):,} of {ds.n_users:,} users left out (--cm-crossfit)")
+    model, info = train_sasrec(ds, splits, cfg, device=device, log=log, resume_path=path.parent / "resume.pt", left_out=left_out)
     # atomic, with its size and checksum recorded (cache.py)
     cache.save({"model": model.state_dict(), "model_args": model.model_args(), "info": info}, path)
     cache.remove(path.parent / "resume.pt")

@@ -50,7 +50,8 @@ STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-
 VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"), ("sampler.K", "K{}"),
                   ("ft.weight", "no-weight"), ("ft.lam", "lambda{}"),
                   ("sampler.aug_history", "hist{}"), ("ft.reward_floor", "floor{}"),
-                  ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"), ("ft.ft_last", "last{}"))
+                  ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"), ("ft.ft_last", "last{}"),
+                  ("cm.crossfit", "crossfit{}"))
 RANKING_VARIANT = "history-out"  # --filter-seen: every method's run is named apart (its lists differ)
 
 
@@ -241,6 +242,10 @@ def finalize(cfg: Config) -> Config:
         raise DataError("--topk must be at least 10 to report HR@10 and NDCG@10")
     if ft.lam < 0:
         raise DataError(f"--lambda must be >= 0 (got {ft.lam})")
+    if cfg.cm.crossfit < 0 or cfg.cm.crossfit == 1:
+        raise DataError(f"--cm-crossfit must be 0 (off) or a number of folds >= 2 (got {cfg.cm.crossfit})")
+    if cfg.cm.crossfit and ft.oracle_reward:
+        raise DataError("--cm-crossfit and --oracle-reward both replace the CM's r_c: use one of them")
     if ft.ft_last < 0:
         raise DataError(f"--ft-last must be >= 0 (got {ft.ft_last}): 0 fine-tunes on every training context")
     if sp.K < 0:

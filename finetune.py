@@ -134,14 +134,15 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     parts: the loss terms (detached, logged); stats: log Z, log R, the mean absolute TB residual
     of the observed and of the augmented trajectories, the curriculum's CM score; terms: L_GR
     and lambda * L_GFN with their graphs (finetune measures their gradient norms from them).
-    prior (--sft-prior): the frozen SFT model (see trajectory_rewards).
+    prior (--sft-prior): the frozen SFT model (see trajectory_rewards). cm: the CM that scores
+    this batch (--cm-crossfit: the CMs that never saw these users, collab.CrossFitCM.held_out).
     """
     ft = cfg.ft
     # the CM's logits of these users over all items, once per batch, where the CM's top-N
     # candidates or the r_c mapping (softmax, rank) read them (three calls were ~22% of a Beauty step)
     full = cm.full_scores(hist, hist_len) if cm.cfg.score != "sigmoid" or sampler.cfg.candidates == "cm" else None  # (B, n_items)
     # Sec. 3.1: K augmented items from the adaptive sampler (+ H history items), with their CM scores
-    aug, r_c_aug = sampler.sample(hist, hist_len, target, progress, model, full)  # (B, K + H), (B, K + H)
+    aug, r_c_aug = sampler.sample(hist, hist_len, target, progress, model, full, cm)  # (B, K + H), (B, K + H)
     r_c_obs = cm.score(hist, hist_len, target[:, None], full)  # (B, 1): y_CM(v, U)
     items = torch.cat([target[:, None], aug], 1)  # (B, M): column 0 is the observed trajectory tau
     r_c = torch.cat([r_c_obs, r_c_aug], 1)  # (B, M)
@@ -270,6 +271,7 @@ class GFlowGR(Method):
     def __init__(self, name, model, heads, cm, sampler, cfg, train_t):
         super().__init__(name, model, heads, cm, sampler, cfg, train_t)
         self.objective = OBJECTIVE[name]
+        self.user = train_t["user"]  # (N,) each training sample's user: --cm-crossfit scores it with the CM that never saw them
         ft = cfg.ft
         self.prior = copy.deepcopy(model).eval() if ft.sft_prior else None  # the frozen SFT model
         # The heads start untrained: their first, huge residuals would flow into the SFT backbone
@@ -291,12 +293,12 @@ class GFlowGR(Method):
         n = len(train_t["target"])
         b = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed))[: t.batch_size].to(train_t["target"].device)
         hl = train_t["hist_len"][b]
-        _, parts, _, _ = gflowgr_step(self.model, self.heads, self.cm, self.sampler, trim(train_t["hist"][b], hl), hl,
+        _, parts, _, _ = gflowgr_step(self.model, self.heads, self.cm.held_out(self.user[b]), self.sampler, trim(train_t["hist"][b], hl), hl,
                                       train_t["target"][b], 0.0, self.cfg, self.objective, self.prior)
         self.heads.init_offset(float(parts["gfn/balance_offset"]))
 
     def loss(self, idx, hist, hist_len, target, progress, inner):
-        loss, parts, stats, terms = gflowgr_step(self.model, self.heads, self.cm, self.sampler, hist, hist_len, target,
+        loss, parts, stats, terms = gflowgr_step(self.model, self.heads, self.cm.held_out(self.user[idx]), self.sampler, hist, hist_len, target,
                                                  progress, self.cfg, self.objective, self.prior)
         return Loss(loss, parts, stats, terms)
 

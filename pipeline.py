@@ -89,6 +89,8 @@ def run(cfg: Config, log=print) -> dict:
         cm.to(device).eval()
         if cfg.ft.oracle_reward:  # a control: the toy world's truth scores r_c (the CM's row still reports the CM)
             cm = collab.TasteOracle(ds.item_cluster, cm.cfg).to(device)
+        elif cfg.cm.crossfit:  # GFlowGR's training contexts scored by CMs that never saw their users
+            cm = collab.cross_fitted(ds, splits, cfg.cm, Path(t.out) / ds.name, cm, device, log)
         timing["cm_s"] = time.time() - t0
         sft_model = copy.deepcopy(model).eval()
         tensors = {name: to_tensors(splits[name], device) for name in ("train", "valid", "test")}

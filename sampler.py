@@ -78,11 +78,13 @@ class TrajectorySampler:
 
     @torch.no_grad()
     def cm_top(self, hist: torch.Tensor, hist_len: torch.Tensor, target: torch.Tensor,
-               full: torch.Tensor | None = None) -> torch.Tensor:
+               full: torch.Tensor | None = None, cm=None) -> torch.Tensor:
         """The CM's N highest-scored items for U that are neither in the history nor the target: (B, N).
 
-        full: the CM's `full_scores` of these users, if the caller has them (left unchanged)."""
-        full = self.cm.full_scores(hist, hist_len) if full is None else full  # (B, n_items) logits
+        full: the CM's `full_scores` of these users, if the caller has them (left unchanged);
+        cm: the CM that scores this batch (default the sampler's; see `sample`)."""
+        cm = self.cm if cm is None else cm
+        full = cm.full_scores(hist, hist_len) if full is None else full  # (B, n_items) logits
         full = torch.cat([full, full.new_zeros(len(full), 1)], 1)  # a spare column for the padding (-1) ids
         full.scatter_(1, torch.where(hist >= 0, hist, self.n_items), float("-inf"))  # history items
         full.scatter_(1, target[:, None], float("-inf"))  # the observed item v
@@ -101,22 +103,26 @@ class TrajectorySampler:
 
     @torch.no_grad()
     def sample(self, hist: torch.Tensor, hist_len: torch.Tensor, target: torch.Tensor, progress: float, model=None,
-               full: torch.Tensor | None = None):
+               full: torch.Tensor | None = None, cm=None):
         """Returns augmented items (B, K + H) and their CM scores r_c (B, K + H), on the device of hist.
 
         Columns 0..K-1 are the sampled items, K..K+H-1 the history items (--aug-history).
         model: the generator being fine-tuned; needed for candidates = "policy".
         full: the CM's `full_scores` of these users, if the caller has them: computed once
         per batch, they serve the CM's top-N and every r_c the mapping reads from them.
+        cm: the CM that scores this batch, if not the sampler's own (--cm-crossfit: the CMs
+        that never saw these users, collab.CrossFitCM.held_out).
         """
-        aug, r_c = self._sample(hist, hist_len, target, progress, model, full)  # (B, K), (B, K)
+        cm = self.cm if cm is None else cm
+        aug, r_c = self._sample(hist, hist_len, target, progress, model, full, cm)  # (B, K), (B, K)
         if self.H == 0:
             return aug, r_c
         own = self.recent_history(hist, hist_len, self.H)  # (B, H)
-        return torch.cat([aug, own], 1), torch.cat([r_c, self.cm.score(hist, hist_len, own, full)], 1)
+        return torch.cat([aug, own], 1), torch.cat([r_c, cm.score(hist, hist_len, own, full)], 1)
 
-    def _sample(self, hist, hist_len, target, progress, model, full=None):
+    def _sample(self, hist, hist_len, target, progress, model, full=None, cm=None):
         """The K sampled augmented items and their r_c (see `sample`)."""
+        cm = self.cm if cm is None else cm
         B, dev = target.shape[0], hist.device
         if self.K == 0:
             return torch.empty(B, 0, dtype=torch.long, device=dev), torch.empty(B, 0, device=dev)
@@ -127,9 +133,9 @@ class TrajectorySampler:
             top, _ = model.beam_search(hist, hist_len, self.cfg.n_candidates, self.cfg.n_candidates)  # (B, N)
             model.train(was_training)
         elif self.cfg.candidates == "cm":
-            top = self.cm_top(hist, hist_len, target, full)  # (B, N)
+            top = self.cm_top(hist, hist_len, target, full, cm)  # (B, N)
         cand = self.candidates(hist, target, top).to(dev)  # (B, N)
-        score = self.cm.score(hist, hist_len, cand, full)  # (B, N) in [0, 1]: y_CM(v'_n, U)
+        score = cm.score(hist, hist_len, cand, full)  # (B, N) in [0, 1]: y_CM(v'_n, U)
         N = cand.shape[1]
         if self.cfg.sampler == "random":
             pick = torch.argsort(torch.rand(B, N, generator=self.gen), 1)[:, : self.K].to(dev)

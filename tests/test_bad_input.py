@@ -57,6 +57,7 @@ CASES = [
     ("unknown study", ["--study", "nope"], None, ["unknown study 'nope'"]),
     ("lambda < 0", ["--method", "gflowgr-tb", "--lambda", "-1"], None, ["--lambda must be >= 0"]),
     ("K < 0", ["--method", "gflowgr-tb", "--K", "-2"], None, ["--K must be >= 0"]),
+    ("cm-crossfit 1", ["--method", "gflowgr-tb", "--cm-crossfit", "1"], None, ["--cm-crossfit must be 0 (off) or a number of folds >= 2"]),
     ("ft-last < 0", ["--method", "gflowgr-tb", "--ft-last", "-1"], None, ["--ft-last must be >= 0"]),
     ("reward floor 0", ["--method", "gflowgr-tb", "--reward-floor", "0"], None, ["--reward-floor must be in (0, 1)"]),
     ("history floor 1", ["--method", "gflowgr-tb", "--history-floor", "1"], None, ["--history-floor must be in [0, 1)"]),

@@ -282,12 +282,16 @@ def test_cache_key_unchanged_without_filter_seen_and_bucket(toy):
     from dataclasses import asdict
     ds, _ = toy
     cfg = CollabConfig(max_len=16)
-    old = {k: v for k, v in asdict(cfg).items() if k not in ("score", "filter_seen", "bucket")}
+    old = {k: v for k, v in asdict(cfg).items() if k not in ("score", "filter_seen", "bucket", "crossfit")}
     seqs = hashlib.sha256(json.dumps(ds.sequences).encode()).hexdigest()[:16]
     want = hashlib.sha256(json.dumps([ds.name, ds.n_items, old, seqs], sort_keys=True).encode()).hexdigest()[:10]
     assert collab.cm_key(ds, cfg) == want
     assert collab.cm_key(ds, CollabConfig(max_len=16, filter_seen=True)) != want
     assert collab.cm_key(ds, CollabConfig(max_len=16, bucket=True)) != want
+    # --cm-crossfit does not change the full CM (its key), only adds fold CMs with keys of their own
+    assert collab.cm_key(ds, CollabConfig(max_len=16, crossfit=2)) == want
+    folds = {collab.cm_key(ds, cfg, (f, 2)) for f in range(2)}
+    assert len(folds) == 2 and want not in folds
 
 
 def test_sum_reduction_is_the_mean_times_the_positions():
@@ -350,3 +354,32 @@ def test_taste_oracle_hand_values_and_the_toy_truth(toy):
             assert r[hidden].eq(1).all() and r[seq].eq(0).all()
             checked += 1
     assert checked > 100
+
+
+def test_cross_fitted_cms_leave_their_fold_out_and_score_each_user_with_the_cm_that_never_saw_them(toy):
+    """--cm-crossfit: fold f's CM trains without the users u with u mod F = f, and held_out routes each row to it."""
+    ds, splits = toy
+    left_out = collab.fold_of(np.arange(ds.n_users), 2) == 1
+    _, _, users = training_sequences(ds, 16, left_out)
+    assert len(users) > 0 and (users % 2 == 0).all()  # only fold 0 is trained on
+    assert len(training_sequences(ds, 16)[2]) > len(users)
+    sub = collab.user_subset(splits["valid"], left_out)
+    assert (sub.user % 2 == 1).all() and len(sub) == int(left_out.sum())
+    torch.manual_seed(0)
+    full, m0, m1 = (SASRec(ds.n_items, CollabConfig(max_len=16, score="softmax")).eval() for _ in range(3))
+    cf = collab.CrossFitCM(full, [m0, m1])
+    t = splits["train"]
+    rows = np.searchsorted(t.user, np.arange(8))  # one training context of each of users 0..7
+    hist, hl = torch.as_tensor(t.hist[rows]), torch.as_tensor(t.hist_len[rows])
+    user = torch.as_tensor(t.user[rows])
+    items = torch.randint(ds.n_items, (8, 5))
+    view = cf.held_out(user)
+    got, got_full = view.score(hist, hl, items), view.full_scores(hist, hl)
+    for b in range(8):
+        m = (m0, m1)[int(user[b]) % 2]
+        assert torch.allclose(got[b], m.score(hist[b:b + 1], hl[b:b + 1], items[b:b + 1])[0], atol=1e-6)
+        assert torch.allclose(got_full[b], m.full_scores(hist[b:b + 1], hl[b:b + 1])[0], atol=1e-5)
+    assert len(set(int(u) % 2 for u in user)) == 2  # both folds are in the batch, so the routing was tested
+    # without routing, the object is the full CM (the CM row, inspection, the baselines' rewards)
+    assert torch.equal(cf.score(hist, hl, items), full.score(hist, hl, items))
+    assert full.held_out(user) is full

@@ -220,3 +220,33 @@ def test_last_contexts_keep_each_users_most_recent_training_samples():
             assert int(kept["hist_len"][kept["user"] == u][-1]) == int(t["hist_len"][rows].max())
         counts = torch.bincount(t["user"])
         assert len(kept["target"]) == int(counts.clamp_max(n).sum())
+
+
+def test_crossfit_scores_every_batch_with_the_cms_that_never_saw_its_users(toy_run, monkeypatch):
+    """--cm-crossfit 2: the fold CMs are trained (stages of their own), and every GFlowGR batch's rewards
+    come from collab.CrossFitCM.held_out for exactly that batch's users; --ft-last 1 fine-tunes on one
+    context per user."""
+    import collab
+
+    asked = []
+    real = collab.CrossFitCM.held_out
+
+    def spy(self, users):
+        asked.append(users.clone())
+        return real(self, users)
+
+    monkeypatch.setattr(collab.CrossFitCM, "held_out", spy)
+    cfg = finetune_config(toy_run, "gflowgr-tb")
+    cfg.cm.crossfit, cfg.ft.ft_last, cfg.ft.head_warmup = 2, 1, 1  # 400 toy users: 4 steps
+    lines = []
+    metrics = run(cfg, log=lines.append)
+    log = "\n".join(lines)
+    assert "collaborative model without fold 1 of 2" in log and "collaborative model without fold 2 of 2" in log
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    n_train = len(data_mod.split_leave_one_out(ds)["train"])
+    n_users = len(set(data_mod.split_leave_one_out(ds)["train"].user.tolist()))
+    # one batch for the offset, then every training step; --ft-last 1: one context per user
+    assert metrics["finetune"]["step"] == math.ceil(n_users / cfg.train.batch_size) < math.ceil(n_train / cfg.train.batch_size)
+    assert len(asked) == 1 + metrics["finetune"]["step"]
+    seen = torch.cat(asked[1:])
+    assert sorted(seen.tolist()) == sorted(set(seen.tolist())) and len(seen) == n_users  # each user's one context, once
