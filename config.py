@@ -104,8 +104,9 @@ PRESETS = {
     # Beauty: SFT keeps its 20-epoch schedule. 12 epochs would fit the main job in ~30 minutes on
     # 2 cores, but costs accuracy: test HR@10 0.0618 / 0.0600 / 0.0580 (seeds 42-44, 1 thread)
     # against 0.0644 / 0.0621 / 0.0635, valid NDCG@10 lower on every seed; `--epochs 12` is the
-    # fast option. Fine-tuning is one epoch: every Beauty fine-tuning run so far had its best
-    # valid NDCG@10 after epoch 1. BENCHMARKS.md, issue 15.
+    # fast option. Fine-tuning on all training contexts had its best valid NDCG@10 after epoch 1
+    # in every Beauty run (BENCHMARKS.md, issue 15); on the newest contexts only (below) the
+    # epochs are 6x shorter and up to 3 are scored.
     # The paper-regime SFT: 6 epochs gave valid HR@10 0.0732 / test 0.0546 (paper: 0.0558),
     # 4 epochs 0.0683 / 0.0507 (seed 42; BENCHMARKS.md, "The paper's regime").
     # The CM: full softmax with the history left out (--cm-filter-seen; Beauty has no repeats)
