@@ -129,7 +129,7 @@ def training_sequences(ds: Dataset, max_len: int, left_out: np.ndarray | None = 
 
 
 def fold_of(users: np.ndarray | torch.Tensor, folds: int):
-    """The cross-fitting fold of each user id: user mod folds (ids carry no order of behaviour)."""
+    """The cross-fitting fold of each user id: user mod folds (assumes ids carry no order of behaviour)."""
     return users % folds
 
 
