@@ -18,7 +18,9 @@ samples (the one fine-tuning epoch saw each once, with K of those candidates) an
 users (never trained on). The user's own items are left out of both pools (under --cm-filter-seen
 their r_c is 0, and no candidate source samples them). SFT-continued (Eq. 1 alone, the same budget) is the control. A second
 table ranks SFT's top-50 by log P_SFT + t, the target met exactly on those items, next to the
-models' own lists: the accuracy the target holds, apart from how much of it was learned.
+models' own lists: the accuracy the target holds, apart from how much of it was learned; and by
+log P_SFT + s t for shares s = 0.2, 0.5 (SHARES), what learning that share of the tilt exactly,
+with no move off it, would be worth (set it beside a model's slope and closed).
 
 The target of a reward with r_a or r_sim depends on the sample's observed item (column 0 of
 Sec. 3.2's reward); the tilt is then measured against each sample's own target, and the
@@ -49,6 +51,10 @@ from runtime import resolve_device
 TILT_USERS = 2000  # contexts per set (training samples, validation users), drawn with the seed
 TILT_POOL = 50  # items per user in each pool
 CONTROL = "sft-continued"
+# Partial tilts met exactly: SFT's top-50 ranked by log P_SFT + s t. What learning a share s of the
+# target would be worth, to set beside the slope a fine-tuned model reaches (which also moves items
+# off the target: "closed").
+SHARES = (0.2, 0.5)
 
 
 @torch.no_grad()
@@ -109,6 +115,14 @@ def ranked(items: torch.Tensor, score: torch.Tensor, k: int, drop: torch.Tensor 
     return items.gather(1, order)
 
 
+def share_rankings(items: torch.Tensor, base: torch.Tensor, tilt: torch.Tensor, target: torch.Tensor, k: int,
+                   shares=SHARES + (1.0,)) -> dict[str, dict]:
+    """Ranking metrics of the pool items (n, pool) ranked by base + s tilt, for each share s (all (n, pool));
+    target (n,) the observed items. Keys "target" (s = 1: the target met exactly) and "target x<s>"."""
+    return {("target" if s == 1.0 else f"target x{s:g}"): M.ranking_metrics(ranked(items, base + s * tilt, k), target)
+            for s in shares}
+
+
 def study_tilt(cfg: Config, log=print) -> dict:
     """The realised share of the target's tilt for GFlowGR and SFT-continued, on trained and held-out contexts."""
     cfg = finalize(cfg)
@@ -150,16 +164,16 @@ def study_tilt(cfg: Config, log=print) -> dict:
         if label_free:  # SFT's top-50 re-ranked by log P_SFT + t, every user of both splits
             # the target gives the user's own items r_c = 0 under --cm-filter-seen, so its list holds
             # almost none: beside it, SFT's own list with the history out, the fair comparison
-            ranking["target"], ranking["sft-history-out"] = {}, {}
             for s in ("valid", "test"):
                 t = tensors[s]
                 idx = torch.arange(len(t["target"]))
                 items = pools(models["sft"], cm, t, idx, c)["SFT top-50"]
                 base = log_probs(models["sft"], t, idx, items)
-                score = base + target_tilt(models["sft"], cm, t, idx, items, c)
-                ranking["target"][s] = M.ranking_metrics(ranked(items, score, cfg.train.topk), t["target"].cpu())
+                tilt = target_tilt(models["sft"], cm, t, idx, items, c)
+                for name, m in share_rankings(items, base, tilt, t["target"].cpu(), cfg.train.topk).items():
+                    ranking.setdefault(name, {})[s] = m
                 seen = collab.in_history(items, t["hist"].cpu())
-                ranking["sft-history-out"][s] = M.ranking_metrics(ranked(items, base, cfg.train.topk, seen), t["target"].cpu())
+                ranking.setdefault("sft-history-out", {})[s] = M.ranking_metrics(ranked(items, base, cfg.train.topk, seen), t["target"].cpu())
         per_seed.append({"seed": seed, "cells": cells, "ranking": ranking, "runs": {n: run_dir(c).name for n, c in cfgs.items()},
                          "contexts": {ctx: len(idx) for ctx, idx in contexts.items()}})
     return write_tilt(cfg, method, seeds, per_seed, log)
@@ -178,7 +192,8 @@ def write_tilt(cfg: Config, method: str, seeds: list[int], per_seed: list[dict],
         lines.append(f"| {k[0]} | {k[1]} | {results.display(k[2])} | "
                      + " | ".join(_fmt(rows[k][f]) for f in ("slope", "closed", "move", "tilt")) + " |")
     names = list(per_seed[0]["ranking"])
-    label = {"target": "SFT's top-50 ranked by the target (met exactly)", "sft-history-out": "SFT's top-50, history out"}
+    label = {"target": "SFT's top-50 ranked by the target (met exactly)", "sft-history-out": "SFT's top-50, history out",
+             **{f"target x{a:g}": f"SFT's top-50 ranked by log P_SFT + {a:g} t ({a:g} of the tilt, exactly)" for a in SHARES}}
     lines += ["", "| model | " + " | ".join(f"{s} {m.upper()}" for s in ("valid", "test") for m in ("hr@10", "ndcg@10"))
               + " |", "|---|" + "---|" * 4]
     ranking = {n: {s: {m: results.seed_stats([p["ranking"][n][s][m] for p in per_seed]) for m in METRICS}

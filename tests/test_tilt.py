@@ -56,3 +56,13 @@ def test_ranked_orders_each_pool_by_its_score_with_padding_last():
     assert tilt.ranked(items, score, 3).tolist() == [[3, 7, 9], [6, 4, 5]]  # 4 before 5: the tie keeps pool order
     drop = torch.tensor([[False, True, False, False], [False, False, True, False]])  # e.g. the user's own items
     assert tilt.ranked(items, score, 3, drop).tolist() == [[7, 9, 3], [4, 5, 8]]
+
+
+def test_share_rankings_rank_by_base_plus_the_share_of_the_tilt():
+    items = torch.tensor([[10, 11, 12]])
+    base = torch.tensor([[0.0, -1.0, -2.0]])
+    t = torch.tensor([[0.0, 0.0, 3.0]])  # the target lifts item 12 by 3 nats
+    got = tilt.share_rankings(items, base, t, torch.tensor([12]), k=1, shares=(0.5, 1.0))
+    assert set(got) == {"target x0.5", "target"}
+    assert got["target x0.5"]["hr@5"] == 0.0  # -2 + 1.5 = -0.5 < 0: item 10 stays first
+    assert got["target"]["hr@5"] == 1.0  # -2 + 3 = 1 > 0: item 12 first
