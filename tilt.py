@@ -14,8 +14,8 @@ Centred within each user's pool of items (so log Z drops out), over all users an
 
 for two pools per user, SFT's beam top-50 (the items that decide its list) and the CM's top-50
 (where `--candidates cm` draws the augmented trajectories), and two sets of contexts: training
-samples (the one fine-tuning epoch saw each once, with K of those candidates) and validation
-users (never trained on). The user's own items are left out of both pools (under --cm-filter-seen
+samples the fine-tuning saw (each user's newest --ft-last of them, when that is set) and
+validation users (never trained on). The user's own items are left out of both pools (under --cm-filter-seen
 their r_c is 0, and no candidate source samples them). SFT-continued (Eq. 1 alone, the same budget) is the control. A second
 table ranks SFT's top-50 by log P_SFT + t, the target met exactly on those items, next to the
 models' own lists: the accuracy the target holds, apart from how much of it was learned; and by
@@ -44,7 +44,7 @@ from batches import to_tensors, trim
 from config import Config, finalize, run_dir
 from evaluation import recommend
 from experiments import METRICS, _fmt, gflowgr_method, load_model, seeds_of, study_config, write_outputs
-from finetune import trajectory_rewards
+from finetune import last_contexts, trajectory_rewards
 from pipeline import run_or_reuse
 from runtime import resolve_device
 
@@ -146,11 +146,12 @@ def study_tilt(cfg: Config, log=print) -> dict:
         cm, _ = collab.load_or_train(ds, splits, c.cm, Path(c.train.out) / ds.name, device, log)
         cm.to(device).eval()
         g = torch.Generator().manual_seed(seed)
-        contexts = {"trained": torch.randperm(len(tensors["train"]["target"]), generator=g)[:TILT_USERS],
+        trained = last_contexts(tensors["train"], c.ft.ft_last)  # the contexts the fine-tuning saw (--ft-last)
+        contexts = {"trained": torch.randperm(len(trained["target"]), generator=g)[:TILT_USERS],
                     "held-out": torch.randperm(len(tensors["valid"]["target"]), generator=g)[:TILT_USERS]}
         cells = []
         for ctx, idx in contexts.items():
-            t = tensors["train" if ctx == "trained" else "valid"]
+            t = trained if ctx == "trained" else tensors["valid"]
             for pool, items in pools(models["sft"], cm, t, idx, c).items():
                 valid = (items >= 0) & ~collab.in_history(items, t["hist"][idx].cpu())  # real items the user has not got
                 tilt = target_tilt(models["sft"], cm, t, idx, items, c)
