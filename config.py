@@ -43,7 +43,7 @@ METHODS = ("sft", *FINETUNE_METHODS)  # sft, then the fine-tuning methods of fin
 TABLE_BASELINES, TABLE_GFLOWGR = results.BASELINES, results.GFLOWGR  # in the paper's row order
 TABLE_METHODS = (*TABLE_BASELINES, *TABLE_GFLOWGR, "sft-continued")
 BACKBONES = ("tiger", "letter")
-STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-regime", "tilt")  # experiments.py, tilt.py
+STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-regime", "tilt", "tilt-fit")  # experiments.py, tilt.py
 # The settings the studies vary (Table 2, Fig. 3). A GFlowGR run whose config differs from
 # the default in any of them is a variant: its folder name says how (see `variant`), so an
 # ablation never overwrites the full model and identical configs share one run.
@@ -77,7 +77,7 @@ class TrainConfig:
     topk: int = field(default=10, metadata={"help": "length of the recommendation list"})
     eval_batch: int = field(default=512, metadata={"help": "users per beam-search batch"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
-    study: str = field(default="", metadata={"help": "run an analysis study instead of one run: ablation | k | lambda | diversity | exposure | fusion | paper-regime | tilt (experiments.py, tilt.py; writes results/<dataset>_<study>.*)"})
+    study: str = field(default="", metadata={"help": "run an analysis study instead of one run: ablation | k | lambda | diversity | exposure | fusion | paper-regime | tilt | tilt-fit (experiments.py, tilt.py; writes results/<dataset>_<study>.*)"})
     tag: str = field(default="", metadata={"help": "a name appended to the run folder (<method>+<tag>), to keep a study's runs apart"})
     regime_epochs: int = field(default=3, metadata={"help": "paper-regime study: SFT epochs of the under-trained starting point (chosen on validation)"})
     diversity_users: int = field(default=200, metadata={"help": "diversity study: test users whose whole item distribution P(v|U) is computed (~1 s each on a CPU for Beauty; 0 = all)"})

@@ -26,7 +26,10 @@ The target of a reward with r_a or r_sim depends on the sample's observed item (
 Sec. 3.2's reward); the tilt is then measured against each sample's own target, and the
 "target met exactly" row, which would read the label, is left out.
 
-Usage: `python train.py --dataset beauty --study tilt --seeds 42`
+A second study, the capacity probe (`study_tilt_fit`), fits the tilt alone on fixed contexts and
+asks whether the GR can hold it there and how much of it reaches users never fitted.
+
+Usage: `python train.py --dataset beauty --study tilt --seeds 42` (or `--study tilt-fit`)
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import torch
+from tqdm import tqdm
 
 import collab
 import data as data_mod
@@ -55,6 +59,9 @@ CONTROL = "sft-continued"
 # target would be worth, to set beside the slope a fine-tuned model reaches (which also moves items
 # off the target: "closed").
 SHARES = (0.2, 0.5)
+# The capacity probe (study_tilt_fit): the tilt alone fitted on fixed contexts, VarGrad TB over SFT's
+# whole top-50, Adam at FIT_LR, batches of FIT_BATCH contexts, FIT_EPOCHS passes, slopes at FIT_REPORT.
+FIT_EPOCHS, FIT_LR, FIT_BATCH, FIT_REPORT = 20, 1e-3, 200, (1, 3, 5, 10, 15, 20)
 
 
 @torch.no_grad()
@@ -209,3 +216,87 @@ def write_tilt(cfg: Config, method: str, seeds: list[int], per_seed: list[dict],
                             name=results.display(n)) for n in (method, CONTROL)])
     fig.update_layout(barmode="group", title="Share of the target's tilt the fine-tuned model learned (slope)", yaxis_title="slope")
     return write_outputs(cfg, "tilt", "\n".join(lines) + "\n", summary, fig, log)
+
+
+def study_tilt_fit(cfg: Config, log=print) -> dict:
+    """Can the GR hold its target's tilt at all, and does what it fits carry to new users? (the capacity probe)
+
+    A copy of the SFT model is fitted to the target's tilt alone (no L_GR) on each of TILT_USERS users'
+    newest training context: the VarGrad form of Eq. (6) over the context's whole SFT top-50 (the
+    variance over the pool of log P - log P_SFT - t, the user's own items left out, unweighted), Adam at
+    FIT_LR, gradients clipped at 1. After the epochs in FIT_REPORT: slope and closed (`realised`) on the
+    fitted contexts, on the same users' next context (their validation context) and on as many other
+    users' validation contexts. First seed of --seeds only.
+    """
+    cfg = finalize(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed, device = seeds_of(cfg)[0], resolve_device(cfg.train.device)
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
+    newest = last_contexts(to_tensors(splits["train"], device), 1)  # one row per user
+    valid = to_tensors(splits["valid"], device)
+    c = study_config(cfg, gflowgr_method(cfg), seed, {})
+    sft_cfg = study_config(cfg, "sft", seed, {})
+    run_or_reuse(sft_cfg, log)
+    sft = load_model(sft_cfg, device)
+    cm, _ = collab.load_or_train(ds, splits, c.cm, Path(c.train.out) / ds.name, device, log)
+    cm.to(device).eval()
+    g = torch.Generator().manual_seed(seed)
+    users = newest["user"].cpu()[torch.randperm(len(newest["user"]), generator=g)]
+    n = min(TILT_USERS, len(users) // 2)
+    row_of = lambda t: {int(u): i for i, u in enumerate(t["user"].tolist())}
+    new_row, valid_row = row_of(newest), row_of(valid)
+    sets = {"fitted contexts": (newest, torch.tensor([new_row[int(u)] for u in users[:n]])),
+            "same users, next context": (valid, torch.tensor([valid_row[int(u)] for u in users[:n]])),
+            "other users": (valid, torch.tensor([valid_row[int(u)] for u in users[n:2 * n]]))}
+    pre = {}
+    for name, (t, idx) in sets.items():
+        items = pools(sft, cm, t, idx, c)["SFT top-50"]  # (n, pool)
+        ok = (items >= 0) & ~collab.in_history(items, t["hist"][idx].cpu())
+        pre[name] = (items, ok, target_tilt(sft, cm, t, idx, items, c), log_probs(sft, t, idx, items))
+    model = copy.deepcopy(sft).train()
+    opt = torch.optim.Adam(model.parameters(), lr=FIT_LR)
+    t, fit = sets["fitted contexts"]
+    items, ok, tilt, base = pre["fitted contexts"]
+    rows_out = []
+    bar = tqdm(range(1, FIT_EPOCHS + 1), desc="fit the tilt")
+    for epoch in bar:
+        total = 0.0
+        for rows in torch.randperm(n, generator=g).split(FIT_BATCH):
+            b = fit[rows]
+            hl = t["hist_len"][b]
+            log_pf, *_ = model.trajectories(trim(t["hist"][b], hl), hl, items[rows].clamp_min(0).to(hl.device))  # (b, pool, L)
+            # log P(v|U) - log P_SFT(v|U) - t(v): one constant per user when the target is met (its log Z)
+            x = log_pf.sum(-1).cpu() - base[rows] - tilt[rows]  # (b, pool)
+            w = ok[rows].float()
+            log_z = ((x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)).detach()  # VarGrad's closed-form log Z
+            # Eq. (6) with that log Z, over the pool: sum_v (log Z + log P - log P_SFT - t)^2
+            loss = (((x - log_z) ** 2) * w).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            total += loss.item() * len(rows)
+        bar.set_postfix(loss=f"{total / n:.3f}")
+        if epoch in FIT_REPORT or epoch == FIT_EPOCHS:
+            model.eval()
+            for name, (ts, idx) in sets.items():
+                it, okk, tl, b0 = pre[name]
+                r = realised(log_probs(model, ts, idx, it) - b0, tl, okk)
+                rows_out.append({"epoch": epoch, "loss": total / n, "contexts": name, **r})
+                log(f"tilt-fit, epoch {epoch}, {name}: slope {r['slope']:.3f}, closed {r['closed']:.3f}")
+            model.train()
+    lines = [f"# Can the GR hold its target's tilt? {cfg.data.dataset} ({cfg.train.backbone.upper()}), seed {seed}, "
+             f"{n:,} fitted contexts, lr {FIT_LR:g}, batches of {FIT_BATCH}", "",
+             "| epoch | loss | " + " | ".join(f"{k}: slope / closed" for k in sets) + " |", "|---|---|" + "---|" * len(sets)]
+    for epoch in sorted({r["epoch"] for r in rows_out}):
+        cells = {r["contexts"]: r for r in rows_out if r["epoch"] == epoch}
+        lines.append(f"| {epoch} | {cells['fitted contexts']['loss']:.2f} | "
+                     + " | ".join(f"{cells[k]['slope']:.3f} / {cells[k]['closed']:.3f}" for k in sets) + " |")
+    fig = go.Figure([go.Scatter(x=[r["epoch"] for r in rows_out if r["contexts"] == k],
+                                y=[r["slope"] for r in rows_out if r["contexts"] == k], name=k) for k in sets])
+    fig.update_layout(title="Share of the tilt learned (slope) while fitting it on fixed contexts", xaxis_title="epoch", yaxis_title="slope")
+    summary = {"study": "tilt-fit", "dataset": cfg.data.dataset, "backbone": cfg.train.backbone, "seed": seed,
+               "contexts": n, "lr": FIT_LR, "rows": rows_out}
+    return write_outputs(cfg, "tilt-fit", "\n".join(lines) + "\n", summary, fig, log)

@@ -5,6 +5,7 @@
     python train.py --dataset beauty --method all --seeds 42 43 44    Table 1 with t-tests (pipeline.run_table)
     python train.py --dataset beauty --study ablation   an analysis study (experiments.py)
     python train.py --dataset beauty --study tilt       how much of its target the fine-tuning learned (tilt.py)
+    python train.py --dataset beauty --study tilt-fit   can the GR hold that target at all (tilt.py)
     torchrun --standalone --nproc_per_node 2 train.py --dataset toy    the same on 2 processes (distributed.py)
 
 Every flag is a field of config.Config (`python train.py --help`); a data set's preset fills
@@ -31,6 +32,8 @@ def main(cfg: Config, log=print) -> dict:
     distributed.init(cfg)
     if cfg.train.study == "tilt":
         return tilt.study_tilt(cfg, log)
+    if cfg.train.study == "tilt-fit":
+        return tilt.study_tilt_fit(cfg, log)
     if cfg.train.study:
         return experiments.run_study(cfg, log)
     if cfg.train.method == "all" or cfg.train.seeds:

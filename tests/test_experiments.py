@@ -245,3 +245,14 @@ def test_tilt_study_gflowgr_learns_part_of_its_target_and_the_control_none(studi
     assert set(got["tilt"]["ranking"]) == {"sft", "gflowgr-tb", "sft-continued"}
     sft = json.loads((out / got["tilt"]["per_seed"][0]["runs"]["sft"] / "metrics.json").read_text())
     assert got["tilt"]["ranking"]["sft"]["test"]["hr@10"]["mean"] == sft["test"]["hr@10"]
+
+
+def test_tilt_fit_learns_the_tilt_where_it_fits_and_carries_less_to_new_users(studies):
+    _, got, _ = studies
+    rows = got["tilt-fit"]["rows"]
+    by = lambda k: [r for r in rows if r["contexts"] == k]
+    fit, other = by("fitted contexts"), by("other users")
+    assert [r["epoch"] for r in fit] == [1, 3, 5, 10, 15, 20]
+    assert fit[-1]["loss"] < fit[0]["loss"]  # the VarGrad TB loss over the pool falls
+    assert fit[-1]["slope"] > fit[0]["slope"] + 0.1  # more of the tilt is learned where it is fitted
+    assert other[-1]["slope"] < fit[-1]["slope"]  # and less of it reaches users never fitted
