@@ -49,6 +49,7 @@ from config import Config, finalize, run_dir
 from evaluation import recommend
 from experiments import METRICS, _fmt, gflowgr_method, load_model, seeds_of, study_config, write_outputs
 from finetune import last_contexts, trajectory_rewards
+from losses import tb_loss, vargrad_log_z
 from pipeline import run_or_reuse
 from runtime import resolve_device
 
@@ -267,19 +268,18 @@ def study_tilt_fit(cfg: Config, log=print) -> dict:
             b = fit[rows]
             hl = t["hist_len"][b]
             log_pf, *_ = model.trajectories(trim(t["hist"][b], hl), hl, items[rows].clamp_min(0).to(hl.device))  # (b, pool, L)
-            # log P(v|U) - log P_SFT(v|U) - t(v): one constant per user when the target is met (its log Z)
-            x = log_pf.sum(-1).cpu() - base[rows] - tilt[rows]  # (b, pool)
-            w = ok[rows].float()
-            log_z = ((x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)).detach()  # VarGrad's closed-form log Z
-            # Eq. (6) with that log Z, over the pool: sum_v (log Z + log P - log P_SFT - t)^2
-            loss = (((x - log_z) ** 2) * w).sum(1).mean()
+            log_r = (base[rows] + tilt[rows]).to(hl.device)  # (b, pool): the target's log R, log P_SFT + t
+            w = ok[rows].float().to(hl.device)  # (b, pool): the user's own items and padding count 0
+            log_z = vargrad_log_z(log_pf, log_r, w)  # (b,) closed form: the weighted mean of log R - sum log P_F
+            # Eq. (6) with that log Z, over the pool: sum_v (log Z + sum_l log P_F(v) - log R(v))^2
+            loss = (w * tb_loss(log_z[:, None], log_pf, log_r)).sum(1).mean()
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             total += loss.item() * len(rows)
         bar.set_postfix(loss=f"{total / n:.3f}")
-        if epoch in FIT_REPORT or epoch == FIT_EPOCHS:
+        if epoch in FIT_REPORT:
             model.eval()
             for name, (ts, idx) in sets.items():
                 it, okk, tl, b0 = pre[name]
