@@ -35,7 +35,7 @@ from finetune import LOG_FLOW_FORMS, LOG_Z_FORMS, METHODS as FINETUNE_TABLE, OBJ
 from gflowgr import ModelConfig
 from losses import REWARD_TERMS
 from sampler import CANDIDATES, SAMPLERS, SamplerConfig
-from tokenizer import TokenizerConfig
+from tokenizer import DEDUP_ORDERS, TokenizerConfig
 
 FINETUNE_METHODS = tuple(FINETUNE_TABLE)
 METHODS = ("sft", *FINETUNE_METHODS)  # sft, then the fine-tuning methods of finetune.METHODS
@@ -230,6 +230,8 @@ def finalize(cfg: Config) -> Config:
         cfg.tok.id_method = "letter"  # the LETTER tokenizer: RQ-VAE + collaborative and diversity regularisers
     elif cfg.tok.id_method == "letter":
         raise DataError("--id-method letter is the LETTER backbone: use --backbone letter")
+    if cfg.tok.dedup not in DEDUP_ORDERS:
+        raise DataError(f"--dedup must be one of {', '.join(DEDUP_ORDERS)} (got {cfg.tok.dedup!r})")
     if t.study and t.study not in STUDIES:
         raise DataError(f"unknown study {t.study!r}: choose one of {', '.join(STUDIES)}")
     if t.tag and not all(ch.isalnum() or ch == "-" for ch in t.tag):

@@ -25,6 +25,7 @@ import cache
 import distributed
 from batches import to_tensors
 from config import NOT_SFT_SETTINGS, Config, train_settings
+from data import item_popularity
 from evaluation import evaluate
 from gflowgr import GRModel
 from runtime import JsonlLogger, set_seed
@@ -50,7 +51,9 @@ def semantic_ids(ds, cfg: Config, log=print, cf_emb: torch.Tensor | None = None)
         cache.save(emb, emb_path)
         log(f"[stage] item embeddings ({tok.embedder}) {tuple(emb.shape)} in {time.time() - t0:.1f}s -> {emb_path}")
     # LETTER's fields only key LETTER IDs (so adding them kept every RQ-VAE cache valid)
-    tok_key = {k: v for k, v in asdict(tok).items() if tok.id_method == "letter" or not k.startswith("letter_")}
+    # and the dedup order keys only a non-default order (so adding it kept every cache valid too)
+    tok_key = {k: v for k, v in asdict(tok).items()
+               if (tok.id_method == "letter" or not k.startswith("letter_")) and (k != "dedup" or v != "id")}
     cf_key = [hashlib.sha256(cf_emb.numpy().tobytes()).hexdigest()[:16]] if tok.id_method == "letter" else []
     ids_key = cache.stage_key(emb_key, tok_key, cfg.train.seed, *cf_key)
     ids_path = root / f"ids-{ids_key}" / "codes.pt"
@@ -62,7 +65,9 @@ def semantic_ids(ds, cfg: Config, log=print, cf_emb: torch.Tensor | None = None)
         t0 = time.time()
         # the stage folder is keyed by the config, so any resume state in it is this config's
         resume_path = ids_path.parent / "resume.pt"
-        codes, report = build_semantic_ids(emb, tok, seed=cfg.train.seed, log=log, cf_emb=cf_emb, resume_path=resume_path)
+        popularity = torch.from_numpy(item_popularity(ds)) if tok.dedup == "popularity" else None  # training split only
+        codes, report = build_semantic_ids(emb, tok, seed=cfg.train.seed, log=log, cf_emb=cf_emb, resume_path=resume_path,
+                                           popularity=popularity)
         report["seconds"] = time.time() - t0
         cache.save({"codes": codes, "report": report}, ids_path)
         cache.remove(resume_path)

@@ -65,6 +65,10 @@ class TokenizerConfig:
     letter_cf_weight: float = field(default=0.02, metadata={"help": "LETTER alpha: weight of the collaborative loss (InfoNCE, quantised latent vs CF item embedding)"})
     letter_div_weight: float = field(default=0.01, metadata={"help": "LETTER beta: weight of the diversity loss (KL of the batch's soft code usage from uniform)"})
     letter_temp: float = field(default=0.1, metadata={"help": "LETTER temperature: of the cosine logits in the CF loss and of the soft code assignment in the diversity loss"})
+    dedup: str = field(default="id", metadata={"help": "order of the last (dedup) token among items sharing t_1..t_levels: id (item id order, as TIGER) | popularity (most interactions in the training split first, so code 0 means 'the group's most popular item' in every group)"})
+
+
+DEDUP_ORDERS = ("id", "popularity")
 
 
 # ----------------------------------------------------------------------------------------
@@ -406,13 +410,19 @@ def train_letter(x: torch.Tensor, cf_emb: torch.Tensor, cfg: TokenizerConfig, se
 # ----------------------------------------------------------------------------------------
 
 
-def add_dedup_level(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+def add_dedup_level(codes: torch.Tensor, codebook_size: int, popularity: torch.Tensor | None = None) -> torch.Tensor:
     """Append a token numbering the items that share the same (t_1..t_levels): (N, levels + 1).
 
-    Items with a unique prefix get 0; the j-th item (in id order) of a colliding group gets j.
+    Items with a unique prefix get 0; the j-th item of a colliding group gets j, in id order, or,
+    with popularity (N,) (training interaction counts), most popular first (ties in id order).
+    TIGER's dedup token is an index with no meaning: the GR can only learn which shop of a chain
+    a user means item by item. Ordered by popularity, code 0 means the same thing in every group.
     """
-    _, inverse = torch.unique(codes, dim=0, return_inverse=True)
-    order = torch.argsort(inverse, stable=True)
+    _, inverse = torch.unique(codes, dim=0, return_inverse=True)  # (N,) group of each item
+    order = torch.arange(len(inverse))
+    if popularity is not None:
+        order = torch.argsort(-popularity.to(torch.long), stable=True)  # most popular first, ties by id
+    order = order[torch.argsort(inverse[order], stable=True)]  # grouped, keeping that order inside a group
     sorted_inv = inverse[order]
     start = torch.ones_like(sorted_inv, dtype=torch.bool)
     start[1:] = sorted_inv[1:] != sorted_inv[:-1]
@@ -443,10 +453,12 @@ def id_report(codes: torch.Tensor, codebook_size: int) -> dict:
 
 
 def build_semantic_ids(emb: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, log=print,
-                       cf_emb: torch.Tensor | None = None, resume_path: Path | None = None) -> tuple[torch.Tensor, dict]:
+                       cf_emb: torch.Tensor | None = None, resume_path: Path | None = None,
+                       popularity: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Embeddings (N, D) -> unique semantic IDs (N, L) with L = levels + 1, and a report.
 
     cf_emb (N, d_cf): collaborative item embeddings, needed by (only) id_method "letter".
+    popularity (N,): training interaction counts, needed by (only) dedup "popularity".
     resume_path: where the RQ-VAE / LETTER training saves its per-epoch resume state (fit_rqvae).
     """
     if cfg.id_method == "rqvae":
@@ -460,7 +472,9 @@ def build_semantic_ids(emb: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, l
         report = id_report(codes, cfg.codebook_size)
     else:
         raise DataError(f"unknown --id-method {cfg.id_method!r}: use rqvae, letter or rkmeans")
-    return add_dedup_level(codes, cfg.codebook_size), report
+    if cfg.dedup == "popularity" and popularity is None:
+        raise DataError("--dedup popularity orders each group's items by their training interactions: pass popularity")
+    return add_dedup_level(codes, cfg.codebook_size, popularity if cfg.dedup == "popularity" else None), report
 
 
 # ----------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ CASES = [
     ("aug-history < 0", ["--method", "gflowgr-tb", "--aug-history", "-1"], None, ["--aug-history must be >= 0"]),
     ("K above the pool", ["--method", "gflowgr-tb", "--K", "60", "--n-candidates", "50"], None, ["--K (60) cannot exceed"]),
     ("beam < top-k", ["--beam", "5"], None, ["--beam (5) must be at least --topk (10)"]),
+    ("unknown dedup order", ["--dedup", "random"], None, ["--dedup must be one of id, popularity"]),
     ("unknown CM loss", ["--cm-loss", "hinge"], None, ["--cm-loss must be one of ce, sampled, bce"]),
     ("unknown r_c mapping", ["--cm-score", "tanh"], None, ["--cm-score must be one of sigmoid, softmax, rank"]),
     ("no CM negatives", ["--cm-loss", "sampled", "--cm-negatives", "0"], None, ["--cm-negatives must be >= 1"]),

@@ -58,6 +58,21 @@ def test_dedup_level_makes_ids_unique_hand_example():
         add_dedup_level(torch.zeros(5, 2, dtype=torch.long), codebook_size=4)
 
 
+def test_dedup_level_by_popularity_hand_example():
+    # group (1, 2) holds items 0, 1, 3; group (3, 4) item 2 alone; group (3, 5) item 4 alone
+    codes = torch.tensor([[1, 2], [1, 2], [3, 4], [1, 2], [3, 5]])
+    popularity = torch.tensor([5, 9, 100, 5, 0])
+    out = add_dedup_level(codes, codebook_size=4, popularity=popularity)
+    # inside (1, 2): item 1 (9) first, then items 0 and 3 (5 each) in id order; singletons keep 0
+    assert out[:, 2].tolist() == [1, 0, 0, 2, 0]
+    assert torch.equal(out[:, :2], codes)
+    # equal counts everywhere: the id order, as without popularity
+    assert torch.equal(add_dedup_level(codes, 4, torch.zeros(5, dtype=torch.long)), add_dedup_level(codes, 4))
+    cfg = TokenizerConfig(id_method="rkmeans", levels=1, codebook_size=4, dedup="popularity")
+    with pytest.raises(DataError, match="popularity"):
+        build_semantic_ids(torch.randn(5, 3), cfg, log=None)
+
+
 def test_build_semantic_ids_unique_with_rqvae_and_rkmeans():
     x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
     for method in ("rqvae", "rkmeans"):
