@@ -135,10 +135,11 @@ def _fmt(s: dict) -> str:
 
 
 def write_outputs(cfg: Config, study: str, md: str, summary: dict, fig: go.Figure, log=print) -> dict:
-    """results/<dataset>_<study>.md, .json and .html, each written atomically."""
+    """results/<dataset>_<study>.md, .json and .html (<dataset>_letter_<study> for the LETTER backbone), each written atomically."""
     folder = out_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"{cfg.data.dataset}_{study}"
+    backbone = "" if cfg.train.backbone == "tiger" else f"{cfg.train.backbone}_"  # a LETTER study must not overwrite TIGER's
+    stem = folder / f"{cfg.data.dataset}_{backbone}{study}"
     paths = {"md": stem.with_suffix(".md"), "json": stem.with_suffix(".json"), "html": stem.with_suffix(".html")}
     results._atomic_write(md, paths["md"])
     results._atomic_write(json.dumps(results._jsonable(summary), indent=1), paths["json"])

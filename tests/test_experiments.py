@@ -256,3 +256,15 @@ def test_tilt_fit_learns_the_tilt_where_it_fits_and_carries_less_to_new_users(st
     assert fit[-1]["loss"] < fit[0]["loss"]  # the VarGrad TB loss over the pool falls
     assert fit[-1]["slope"] > fit[0]["slope"] + 0.1  # more of the tilt is learned where it is fitted
     assert other[-1]["slope"] < fit[-1]["slope"]  # and less of it reaches users never fitted
+
+
+def test_a_letter_study_does_not_overwrite_the_tiger_one(tmp_path):
+    import plotly.graph_objects as go
+    written = {}
+    for backbone in ("tiger", "letter"):
+        cfg = tiny_config(tmp_path)
+        cfg.train.backbone = backbone
+        summary = experiments.write_outputs(cfg, "tilt", f"# {backbone}\n", {"study": "tilt"}, go.Figure(), log=lambda *_: None)
+        written[backbone] = summary["paths"]["md"]
+    assert written["tiger"].endswith("toy_tilt.md") and written["letter"].endswith("toy_letter_tilt.md")
+    assert open(written["tiger"]).read() == "# tiger\n" and open(written["letter"]).read() == "# letter\n"
