@@ -20,7 +20,8 @@ What is here, in pipeline order:
      its collaborative (SASRec) embedding, so items bought together share ID prefixes;
      L_Div evens out how often each code is assigned (`LetterRegulariser`).
   3. `add_dedup_level`: a last token that numbers items sharing the same first `levels`
-     tokens, so every item has a unique ID (L = levels + 1 = 4).
+     tokens, so every item has a unique ID (L = levels + 1 = 4); in item-id order (TIGER) or,
+     with `--dedup popularity`, most-interacted first.
   4. `Trie`: the prefix tree of valid IDs as tensors: `next_node[n_nodes, V]` and an
      additive mask (0 where a child exists, -inf elsewhere). The mask is what turns the
      backbone's softmax into the trie-constrained policy P_F used by beam search and
