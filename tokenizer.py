@@ -462,6 +462,8 @@ def build_semantic_ids(emb: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, l
     popularity (N,): training interaction counts, needed by (only) dedup "popularity".
     resume_path: where the RQ-VAE / LETTER training saves its per-epoch resume state (fit_rqvae).
     """
+    if cfg.dedup == "popularity" and popularity is None:  # before any training, not after it
+        raise DataError("--dedup popularity orders each group's items by their training interactions: pass popularity")
     if cfg.id_method == "rqvae":
         codes, report = train_rqvae(emb, cfg, seed, log, resume_path)
     elif cfg.id_method == "letter":
@@ -473,8 +475,6 @@ def build_semantic_ids(emb: torch.Tensor, cfg: TokenizerConfig, seed: int = 0, l
         report = id_report(codes, cfg.codebook_size)
     else:
         raise DataError(f"unknown --id-method {cfg.id_method!r}: use rqvae, letter or rkmeans")
-    if cfg.dedup == "popularity" and popularity is None:
-        raise DataError("--dedup popularity orders each group's items by their training interactions: pass popularity")
     return add_dedup_level(codes, cfg.codebook_size, popularity if cfg.dedup == "popularity" else None), report
 
 
