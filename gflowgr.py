@@ -12,6 +12,11 @@ the embeddings of its L ID tokens plus a recency position; batches are padded on
 their own longest history. The decoder has L positions (BOS, t_1..t_{L-1}) and one output
 head per level (V codes each).
 
+`--copy-bonus` (off by default, on for Yelp) adds one learned number b_l per level to the logit
+of every token whose prefix leads to one of the user's own history items: TIGER has no way to
+say "this place again", and a generated ID must otherwise be rebuilt token by token from a
+summed embedding. P_F stays a masked softmax, so every loss and beam search are unchanged.
+
 Usage: `model = GRModel(ModelConfig(), trie); log_pf, h = model(hist, hist_len, items)`
 """
 from __future__ import annotations
@@ -36,6 +41,10 @@ class ModelConfig:
     d_ff: int = field(default=512, metadata={"help": "feed-forward width"})
     dropout: float = field(default=0.1, metadata={"help": "dropout (costs ~25%% of a CPU step)"})
     max_his_len: int = field(default=20, metadata={"help": "history positions (items) the encoder sees"})
+    copy_bonus: bool = field(default=False, metadata={"help": "a learned bonus b_l on every level-l token that continues one of the user's own history items, so the GR can recommend a place again (a copy path; Yelp: 6.5%% of test targets are repeats, BENCHMARKS.md). Off: TIGER's policy"})
+
+
+MODEL_ADDED_LATER = ("copy_bonus",)  # in the SFT stage key only when on (off was the behaviour before them)
 
 
 class Attention(nn.Module):
@@ -156,6 +165,8 @@ class GRModel(nn.Module):
         self.enc_ln, self.dec_ln = nn.LayerNorm(d), nn.LayerNorm(d)
         self.head = nn.Parameter(torch.randn(self.L, d, self.V) * d**-0.5)  # one output layer per level
         self.head_bias = nn.Parameter(torch.zeros(self.L, self.V))
+        if cfg.copy_bonus:  # b_l, one per level, starting at 0 (= TIGER's policy)
+            self.copy_bias = nn.Parameter(torch.zeros(self.L))
         self.drop = nn.Dropout(cfg.dropout)
         nn.init.normal_(self.code_emb.weight, std=0.02)
         nn.init.normal_(self.enc_pos.weight, std=0.02)
@@ -208,14 +219,34 @@ class GRModel(nn.Module):
             return torch.einsum("bld,ldv->blv", h, self.head[:P]) + self.head_bias[:P]
         return h @ self.head[level] + self.head_bias[level]
 
-    def masked_log_pf(self, logits: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    def masked_log_pf(self, logits: torch.Tensor, nodes: torch.Tensor, on_path: torch.Tensor | None = None,
+                      level: int | None = None) -> torch.Tensor:
         """log P_F(. | U, s) over the children of trie node s: log_softmax(logits + mask[s]).
 
         Invalid tokens get -inf before the softmax, so P_F sums to 1 over the tokens that
         lead to a real item. This one function defines the policy for SFT, for every
-        GFlowNet/RL loss and for beam search.
+        GFlowNet/RL loss and for beam search. logits (R, P, V) with nodes (R, P) at levels
+        0..P-1, or logits (R, K, V) with nodes (R, K) all at `level`. With --copy-bonus,
+        on_path (R, n_nodes) (`history_paths`) marks the prefixes of the user's history items,
+        and a token whose child is one of them gets the level's bonus b_l before the softmax.
         """
+        if on_path is not None and hasattr(self, "copy_bias"):
+            child = self.trie_next_node[nodes]  # (R, P, V): -1 where the token is not in the trie
+            hit = on_path.gather(1, child.clamp_min(0).flatten(1)).view_as(child) & (child >= 0)  # (R, P, V)
+            b = self.copy_bias[level] if level is not None else self.copy_bias[: nodes.shape[1], None]  # () or (P, 1)
+            logits = logits + b * hit
         return F.log_softmax(logits + self.trie_mask[nodes], dim=-1)
+
+    def history_paths(self, hist: torch.Tensor) -> torch.Tensor | None:
+        """(B, n_nodes) True on every trie node s_1..s_L of an item in hist (B, S) (-1 padded);
+        None without --copy-bonus."""
+        if not hasattr(self, "copy_bias"):
+            return None
+        n_nodes = self.trie_next_node.shape[0]
+        nodes = self.trie_item_nodes[hist.clamp_min(0), 1:]  # (B, S, L)
+        nodes = torch.where(hist[..., None] >= 0, nodes, n_nodes)  # padding -> a spare column
+        on_path = torch.zeros(hist.shape[0], n_nodes + 1, dtype=torch.bool, device=hist.device)
+        return on_path.scatter_(1, nodes.flatten(1), True)[:, :n_nodes]
 
     def trajectories(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor):
         """Per-step log P_F along the paths of M items per user (the user is encoded once).
@@ -229,7 +260,9 @@ class GRModel(nn.Module):
         flat = items.flatten()  # (B*M,)
         h = self.decode(mem.repeat_interleave(M, 0), mask.repeat_interleave(M, 0), flat)  # (B*M, L, d)
         nodes = self.trie_item_nodes[flat, : self.L]  # (B*M, L): s_0..s_{L-1}
-        log_pf_all = self.masked_log_pf(self.logits(h), nodes)  # (B*M, L, V)
+        on_path = self.history_paths(hist)  # (B, n_nodes) with --copy-bonus, else None
+        on_path = on_path.repeat_interleave(M, 0) if on_path is not None else None
+        log_pf_all = self.masked_log_pf(self.logits(h), nodes, on_path)  # (B*M, L, V)
         log_pf = log_pf_all.gather(2, self.item_codes[flat][..., None]).squeeze(2)  # (B*M, L)
         return log_pf.view(B, M, self.L), h.view(B, M, self.L, -1), mem, mask
 
@@ -252,6 +285,7 @@ class GRModel(nn.Module):
         """
         B, V, dev = hist.shape[0], self.V, hist.device
         mem, mask = self.encode(hist, hist_len)
+        on_path = self.history_paths(hist)  # --copy-bonus
         cross_kv = [layer.cross.project_kv(mem) for layer in self.dec_layers]  # once per user
         node = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (B, K): every beam starts at the root
         score = torch.zeros(B, 1, device=dev)  # (B, K): sum of log P_F so far
@@ -261,7 +295,7 @@ class GRModel(nn.Module):
             h = x + self.dec_pos.weight[level]
             for i, layer in enumerate(self.dec_layers):
                 h, caches[i] = layer.step(h, caches[i], cross_kv[i], mask)
-            log_pf = self.masked_log_pf(self.logits(self.dec_ln(h), level), node.clamp_min(0))  # (B, K, V)
+            log_pf = self.masked_log_pf(self.logits(self.dec_ln(h), level), node.clamp_min(0), on_path, level)  # (B, K, V)
             if exclude_seen and level == self.L - 1:
                 log_pf = log_pf.masked_fill(self._seen_children(hist, node), float("-inf"))
             total = (score[..., None] + log_pf).flatten(1)  # (B, K*V)
@@ -300,6 +334,7 @@ class GRModel(nn.Module):
         """
         B, dev = hist.shape[0], hist.device
         mem, mask = self.encode(hist, hist_len)
+        on_path = self.history_paths(hist)  # --copy-bonus
         cross_kv = [layer.cross.project_kv(mem) for layer in self.dec_layers]
         node = torch.zeros(B, n, dtype=torch.long, device=dev)  # (B, n): all draws start at the root
         score = torch.zeros(B, n, device=dev)
@@ -309,7 +344,7 @@ class GRModel(nn.Module):
             h = x + self.dec_pos.weight[level]
             for i, layer in enumerate(self.dec_layers):
                 h, caches[i] = layer.step(h, caches[i], cross_kv[i], mask)
-            log_pf = self.masked_log_pf(self.logits(self.dec_ln(h), level), node)  # (B, n, V)
+            log_pf = self.masked_log_pf(self.logits(self.dec_ln(h), level), node, on_path, level)  # (B, n, V)
             token = torch.multinomial(log_pf.exp().flatten(0, 1).cpu(), 1, generator=generator).view(B, n).to(dev)
             score = score + log_pf.gather(2, token[..., None]).squeeze(2)
             node = self.trie_next_node[node, token]
@@ -329,12 +364,14 @@ class GRModel(nn.Module):
         branching = choices[self.trie_item_nodes[:, :L]] > 1  # (I, L): s_{l-1} has a real choice
         depth = torch.where(branching, torch.arange(1, L + 1, device=branching.device), 0).amax(1)  # (I,): prefixes worth decoding
         mem, mask = self.encode(hist, hist_len)  # (1, S, d): decode shares it across the items
+        on_path = self.history_paths(hist)  # (1, n_nodes) with --copy-bonus
         log_pf = torch.zeros(n_items, L, device=mem.device)  # P_F = 1 below the last choice
         for P in range(1, L + 1):
             for items in (depth == P).nonzero()[:, 0].split(chunk):
                 h = self.decode(mem, mask, items, depth=P)  # (M, P, d)
                 nodes = self.trie_item_nodes[items, :P]  # (M, P): prefixes s_0..s_{P-1}
-                log_pf_all = self.masked_log_pf(self.logits(h), nodes)  # (M, P, V): the trie-masked policy
+                paths = on_path.expand(len(items), -1) if on_path is not None else None
+                log_pf_all = self.masked_log_pf(self.logits(h), nodes, paths)  # (M, P, V): the trie-masked policy
                 log_pf[items, :P] = log_pf_all.gather(2, self.item_codes[items, :P, None]).squeeze(2)
         return log_pf
 

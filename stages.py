@@ -27,7 +27,7 @@ from batches import to_tensors
 from config import NOT_SFT_SETTINGS, Config, train_settings
 from data import item_popularity
 from evaluation import evaluate
-from gflowgr import GRModel
+from gflowgr import MODEL_ADDED_LATER, GRModel
 from runtime import JsonlLogger, set_seed
 from sft import train_sft
 from tokenizer import Trie, build_semantic_ids, embed_texts
@@ -84,7 +84,8 @@ def semantic_ids(ds, cfg: Config, log=print, cf_emb: torch.Tensor | None = None)
 def sft_key(ds, ids_key: str, cfg: Config) -> str:
     """The SFT stage's key: the IDs, the data, the backbone's config and the TrainConfig fields
     that change the SFT model (not the method, seeds, device, threads, study, tag, ...)."""
-    return cache.stage_key(ids_key, cache.fingerprint(ds.sequences), asdict(cfg.model),
+    model = {k: v for k, v in asdict(cfg.model).items() if k not in MODEL_ADDED_LATER or v}  # off: the key of before
+    return cache.stage_key(ids_key, cache.fingerprint(ds.sequences), model,
                            train_settings(cfg.train, NOT_SFT_SETTINGS), *distributed.key())  # key(): [] for one process
 
 

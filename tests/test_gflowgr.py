@@ -123,3 +123,57 @@ def test_policy_sampling_returns_real_items_with_their_exact_log_probability():
     many, _ = model.sample(hist, hist_len, 4000, torch.Generator().manual_seed(1))
     freq = torch.stack([torch.bincount(row, minlength=n_items).float() / 4000 for row in many])
     assert 0.5 * (freq - p).abs().sum(1).max() < 0.05  # total variation
+
+
+def copy_world():
+    """Four items on a 2-level trie (codes 00, 01, 10, 20), a model with --copy-bonus."""
+    codes = torch.tensor([[0, 0], [0, 1], [1, 0], [2, 0]])
+    trie = Trie.build(codes, 3)
+    torch.manual_seed(0)
+    model = GRModel(ModelConfig(d_model=16, n_heads=2, d_ff=32, dropout=0.0, max_his_len=3, copy_bonus=True), trie).eval()
+    return model, trie
+
+
+def test_copy_bonus_at_zero_is_tigers_policy_and_old_checkpoints_have_no_bonus():
+    model, trie = copy_world()
+    plain = GRModel(ModelConfig(d_model=16, n_heads=2, d_ff=32, dropout=0.0, max_his_len=3), trie).eval()
+    assert not hasattr(plain, "copy_bias") and "copy_bias" not in plain.state_dict()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "copy_bias"})
+    hist, hist_len = torch.tensor([[1, -1, -1]]), torch.tensor([1])
+    items = torch.arange(4)[None]
+    assert torch.equal(model.trajectories(hist, hist_len, items)[0], plain.trajectories(hist, hist_len, items)[0])
+
+
+def test_copy_bonus_hand_value():
+    """History = item 1 (code 01). With b = (1.5, 2.0): at the root token 0 (prefix of item 1)
+    gets +1.5; under prefix 0, token 1 (item 1 itself) gets +2.0; nothing else moves."""
+    model, trie = copy_world()
+    hist, hist_len = torch.tensor([[1, -1, -1]]), torch.tensor([1])
+    items = torch.arange(4)[None]
+    mem, mask = model.encode(hist, hist_len)
+    h = model.decode(mem, mask, torch.tensor([0, 2]))  # s_0 from either; s_1 = prefix 0 (item 0), prefix 1 (item 2)
+    raw = model.logits(h).detach()  # (2, 2, V)
+    with torch.no_grad():
+        model.copy_bias.copy_(torch.tensor([1.5, 2.0]))
+    log_p = model.trajectories(hist, hist_len, items)[0].sum(2)[0]  # (4,): log P(v | U)
+    root = raw[0, 0] + torch.tensor([1.5, 0.0, 0.0])  # tokens 0, 1, 2 all valid at the root
+    p_root = root.softmax(0)
+    under0 = (raw[0, 1] + torch.tensor([0.0, 2.0, float("-inf")])).softmax(0)  # children 0, 1 of prefix 0
+    expected = torch.stack([p_root[0] * under0[0], p_root[0] * under0[1], p_root[1], p_root[2]]).log()
+    assert torch.allclose(log_p, expected, atol=1e-5)
+    assert torch.allclose(log_p.exp().sum(), torch.tensor(1.0), atol=1e-5)
+
+
+def test_beam_search_with_copy_bonus_is_the_exact_ranking_and_agrees_with_item_log_probs():
+    model, trie, hist, hist_len = tiny_world()
+    copy = GRModel(ModelConfig(**{**model.cfg.__dict__, "copy_bonus": True}), trie).eval()
+    copy.load_state_dict({**model.state_dict(), "copy_bias": torch.tensor([0.7, 2.5, 1.0])})
+    brute = all_item_log_probs(copy, hist, hist_len)  # (B, I)
+    assert not torch.allclose(brute, all_item_log_probs(model, hist, hist_len))  # the bonus moves the policy
+    items, scores = copy.beam_search(hist, hist_len, beam=10_000, topk=10)
+    top, top_idx = brute.topk(10, dim=1)
+    assert torch.allclose(scores, top, atol=1e-5)
+    assert torch.allclose(brute.gather(1, items), scores, atol=1e-5)
+    for b in range(2):
+        one = copy.item_log_probs(hist[b : b + 1, : int(hist_len[b])], hist_len[b : b + 1]).sum(1)
+        assert torch.allclose(one, brute[b], atol=1e-4)

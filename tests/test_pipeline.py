@@ -112,3 +112,24 @@ def test_filter_seen_reuses_the_fine_tuned_model_of_the_run_ranked_with_the_hist
     d, src = config.run_dir(filtered), config.run_dir(cfg)
     assert json.loads((d / "inspect.json").read_text()) == json.loads((src / "inspect.json").read_text())
     assert (d / "checkpoint.pt").exists() and (d / "metrics.jsonl").read_text() == (src / "metrics.jsonl").read_text()
+
+
+def test_copy_bonus_trains_end_to_end_and_its_checkpoint_keeps_the_bonus(tmp_path):
+    """--copy-bonus: SFT learns b_l (it leaves 0), GFlowGR-TB fine-tunes the same model, and the
+    saved checkpoint rebuilds it with the bonus and reproduces the run's test metrics."""
+    from pipeline import run as main
+
+    cfg = tiny_config(tmp_path, method="gflowgr-tb")
+    cfg.model.copy_bonus, cfg.train.epochs = True, 3
+    cfg.ft.ft_epochs, cfg.cm.epochs = 1, 3
+    metrics = main(cfg, log=lambda *a: None)
+    sft = torch.load(Path(metrics["stage"]) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert sft["model_args"]["cfg"]["copy_bonus"] and sft["model"]["copy_bias"].abs().min() > 0
+    cfg = finalize(cfg)
+    ck = torch.load(Path(cfg.train.out) / "toy__gflowgr-tb__seed42" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    model = GRModel.from_state(ck["model_args"], ck["model"]).eval()
+    assert hasattr(model, "copy_bias")
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    splits = data_mod.split_leave_one_out(ds, cfg.data.max_his_len)
+    again = evaluate(model, to_tensors(splits["test"], "cpu"), cfg.train)
+    assert again == pytest.approx(metrics["test"], abs=1e-9)

@@ -32,6 +32,25 @@ def test_sft_key_names_the_stage_and_ignores_settings_that_do_not_change_the_mod
         assert sft_key(ds, ids_key, changed) != sft_key(ds, ids_key, cfg), field
 
 
+def test_copy_bonus_off_keeps_the_sft_key_of_before_and_on_names_a_new_stage(toy_run):
+    """--copy-bonus came after SFT stages were cached: off, the key is computed from the model
+    config without the field (so those caches still load); on, it names a stage of its own."""
+    from dataclasses import asdict
+
+    import cache
+    from config import NOT_SFT_SETTINGS, train_settings
+
+    cfg, _, _ = toy_run
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    _, _, ids_key = semantic_ids(ds, cfg, log=lambda *a: None)
+    before = {k: v for k, v in asdict(cfg.model).items() if k != "copy_bonus"}
+    assert sft_key(ds, ids_key, cfg) == cache.stage_key(ids_key, cache.fingerprint(ds.sequences), before,
+                                                        train_settings(cfg.train, NOT_SFT_SETTINGS))
+    on = copy.deepcopy(cfg)
+    on.model.copy_bonus = True
+    assert sft_key(ds, ids_key, on) != sft_key(ds, ids_key, cfg)
+
+
 def test_filter_seen_reuses_the_sft_and_names_its_own_run(toy_run):
     """--filter-seen changes the lists, not the model: the SFT stage is loaded, its evaluation is
     cached apart, and the run gets its own folder (a --filter-seen table reads those)."""
