@@ -231,6 +231,8 @@ class GRModel(nn.Module):
         and a token whose child is one of them gets the level's bonus b_l before the softmax.
         """
         if on_path is not None and hasattr(self, "copy_bias"):
+            # P_GR of Eq. (1) = P_F of Eqs. (5)/(6), with --copy-bonus:
+            # P_F(t | U, s_{l-1}) ∝ exp(logit_t + b_l [s_{l-1}·t is a prefix of an item in U])
             child = self.trie_next_node[nodes]  # (R, P, V): -1 where the token is not in the trie
             hit = on_path.gather(1, child.clamp_min(0).flatten(1)).view_as(child) & (child >= 0)  # (R, P, V)
             b = self.copy_bias[level] if level is not None else self.copy_bias[: nodes.shape[1], None]  # () or (P, 1)
