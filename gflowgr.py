@@ -227,14 +227,16 @@ class GRModel(nn.Module):
         lead to a real item. This one function defines the policy for SFT, for every
         GFlowNet/RL loss and for beam search. logits (R, P, V) with nodes (R, P) at levels
         0..P-1, or logits (R, K, V) with nodes (R, K) all at `level`. With --copy-bonus,
-        on_path (R, n_nodes) (`history_paths`) marks the prefixes of the user's history items,
-        and a token whose child is one of them gets the level's bonus b_l before the softmax.
+        on_path (R / M, n_nodes) (`history_paths`) marks the prefixes of the user's history items
+        (one row per user, shared by M consecutive rows of logits), and a token whose child is one
+        of them gets the level's bonus b_l before the softmax.
         """
         if on_path is not None and hasattr(self, "copy_bias"):
             # P_GR of Eq. (1) = P_F of Eqs. (5)/(6), with --copy-bonus:
             # P_F(t | U, s_{l-1}) ∝ exp(logit_t + b_l [s_{l-1}·t is a prefix of an item in U])
             child = self.trie_next_node[nodes]  # (R, P, V): -1 where the token is not in the trie
-            hit = on_path.gather(1, child.clamp_min(0).flatten(1)).view_as(child) & (child >= 0)  # (R, P, V)
+            per_user = child.clamp_min(0).view(on_path.shape[0], -1)  # (R / M, M * P * V): no copy of on_path
+            hit = on_path.gather(1, per_user).view_as(child) & (child >= 0)  # (R, P, V)
             b = self.copy_bias[level] if level is not None else self.copy_bias[: nodes.shape[1], None]  # () or (P, 1)
             logits = logits + b * hit
         return F.log_softmax(logits + self.trie_mask[nodes], dim=-1)
@@ -262,8 +264,7 @@ class GRModel(nn.Module):
         flat = items.flatten()  # (B*M,)
         h = self.decode(mem.repeat_interleave(M, 0), mask.repeat_interleave(M, 0), flat)  # (B*M, L, d)
         nodes = self.trie_item_nodes[flat, : self.L]  # (B*M, L): s_0..s_{L-1}
-        on_path = self.history_paths(hist)  # (B, n_nodes) with --copy-bonus, else None
-        on_path = on_path.repeat_interleave(M, 0) if on_path is not None else None
+        on_path = self.history_paths(hist)  # (B, n_nodes) with --copy-bonus, else None; M rows per user
         log_pf_all = self.masked_log_pf(self.logits(h), nodes, on_path)  # (B*M, L, V)
         log_pf = log_pf_all.gather(2, self.item_codes[flat][..., None]).squeeze(2)  # (B*M, L)
         return log_pf.view(B, M, self.L), h.view(B, M, self.L, -1), mem, mask
@@ -372,8 +373,7 @@ class GRModel(nn.Module):
             for items in (depth == P).nonzero()[:, 0].split(chunk):
                 h = self.decode(mem, mask, items, depth=P)  # (M, P, d)
                 nodes = self.trie_item_nodes[items, :P]  # (M, P): prefixes s_0..s_{P-1}
-                paths = on_path.expand(len(items), -1) if on_path is not None else None
-                log_pf_all = self.masked_log_pf(self.logits(h), nodes, paths)  # (M, P, V): the trie-masked policy
+                log_pf_all = self.masked_log_pf(self.logits(h), nodes, on_path)  # (M, P, V): the trie-masked policy
                 log_pf[items, :P] = log_pf_all.gather(2, self.item_codes[items, :P, None]).squeeze(2)
         return log_pf
 

@@ -177,3 +177,14 @@ def test_beam_search_with_copy_bonus_is_the_exact_ranking_and_agrees_with_item_l
     for b in range(2):
         one = copy.item_log_probs(hist[b : b + 1, : int(hist_len[b])], hist_len[b : b + 1]).sum(1)
         assert torch.allclose(one, brute[b], atol=1e-4)
+
+
+def test_copy_bonus_trajectories_of_many_users_match_one_item_at_a_time():
+    """trajectories shares each user's history mask across its M items (no copy): with B = 7
+    users of different histories, every (user, item) log P equals the one-item-per-row value."""
+    model, trie, hist, hist_len = tiny_world()
+    copy = GRModel(ModelConfig(**{**model.cfg.__dict__, "copy_bonus": True}), trie).eval()
+    copy.load_state_dict({**model.state_dict(), "copy_bias": torch.tensor([0.7, 2.5, 1.0])})
+    n_items = copy.item_codes.shape[0]
+    log_pf = copy.trajectories(hist, hist_len, torch.arange(n_items).repeat(len(hist), 1))[0]  # (B, I, L)
+    assert torch.allclose(log_pf.sum(2), all_item_log_probs(copy, hist, hist_len), atol=1e-5)
