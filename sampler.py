@@ -16,7 +16,10 @@ from the catalogue; `policy` takes the current model's own top-N items for U (tr
 search, beam N, no gradient), i.e. the unobserved items the generator already ranks high,
 which are the ones the GFlowNet loss can re-rank; `cm` takes the CM's own top-N items for U
 outside the history and v, the "potential positives" of Sec. 3.1. Items in the history or
-equal to v are replaced by uniform draws (random, policy) or never proposed (cm).
+equal to v are replaced by uniform draws (random, policy) or never proposed (cm);
+with `--candidates-history` only v is, so on data where users come back (Yelp: 6.5% of the
+targets are places already visited) the pool keeps the history items the policy or the CM
+rank high, as IPA's pool (the GR's own top-N, baselines.py) does.
 
 History trajectories (`--aug-history H`, our addition; the paper does not say whether the
 user's own items may be augmented): the H most recent items of U's history join the K
@@ -44,6 +47,7 @@ class SamplerConfig:
     n_candidates: int = field(default=50, metadata={"help": "N: candidates scored by the CM per sample"})
     candidates: str = field(default="random", metadata={"help": "candidate source: random (uniform) | policy (the model's own top-N) | cm (the CM's top-N)"})
     aug_history: int = field(default=0, metadata={"help": "H: the user's H most recent history items join the K sampled items as augmented trajectories"})
+    candidates_history: bool = field(default=False, metadata={"help": "the candidate pool may hold the user's own history items (data with repeat visits, Yelp); off: they are never candidates"})
 
 
 class TrajectorySampler:
@@ -60,17 +64,19 @@ class TrajectorySampler:
         self.gen = torch.Generator().manual_seed(seed)
 
     def candidates(self, hist: torch.Tensor, target: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
-        """N items per sample, none in the history or equal to the target: (B, N), on the CPU.
+        """N items per sample, none equal to the target nor (unless --candidates-history) in the history: (B, N), on the CPU.
 
         start (B, N): proposed items (the policy's top-N, -1 for none); default all uniform.
-        Items that are in the history, equal the target or are -1 are redrawn uniformly until
-        none is left; with tiny catalogues a few rounds suffice.
+        Items that are excluded or -1 are redrawn uniformly until none is left; with tiny
+        catalogues a few rounds suffice.
         """
         B, N = target.shape[0], self.cfg.n_candidates
         cand = torch.full((B, N), -1, dtype=torch.long) if start is None else start.cpu().clone()
         cand[cand < 0] = torch.randint(self.n_items, (int((cand < 0).sum()),), generator=self.gen)
         for _ in range(100):
-            bad = (cand[:, :, None] == hist.cpu()[:, None, :]).any(-1) | (cand == target.cpu()[:, None])
+            bad = cand == target.cpu()[:, None]
+            if not self.cfg.candidates_history:
+                bad |= (cand[:, :, None] == hist.cpu()[:, None, :]).any(-1)
             if not bad.any():
                 return cand
             cand[bad] = torch.randint(self.n_items, (int(bad.sum()),), generator=self.gen)
@@ -79,14 +85,15 @@ class TrajectorySampler:
     @torch.no_grad()
     def cm_top(self, hist: torch.Tensor, hist_len: torch.Tensor, target: torch.Tensor,
                full: torch.Tensor | None = None, cm=None) -> torch.Tensor:
-        """The CM's N highest-scored items for U that are neither in the history nor the target: (B, N).
+        """The CM's N highest-scored items for U other than the target and (unless --candidates-history) the history: (B, N).
 
         full: the CM's `full_scores` of these users, if the caller has them (left unchanged);
         cm: the CM that scores this batch (default the sampler's; see `sample`)."""
         cm = self.cm if cm is None else cm
         full = cm.full_scores(hist, hist_len) if full is None else full  # (B, n_items) logits
         full = torch.cat([full, full.new_zeros(len(full), 1)], 1)  # a spare column for the padding (-1) ids
-        full.scatter_(1, torch.where(hist >= 0, hist, self.n_items), float("-inf"))  # history items
+        if not self.cfg.candidates_history:
+            full.scatter_(1, torch.where(hist >= 0, hist, self.n_items), float("-inf"))  # history items
         full.scatter_(1, target[:, None], float("-inf"))  # the observed item v
         return full[:, : self.n_items].topk(self.cfg.n_candidates, dim=1).indices
 

@@ -114,6 +114,24 @@ def test_cm_candidates_are_the_cms_top_items_minus_history_and_target():
     assert sorted(hard[0].tolist()) == [15, 16] and sorted(easy[0].tolist()) == [13, 14]
 
 
+def test_candidates_history_keeps_the_users_own_items_and_still_drops_the_target():
+    """--candidates-history (repeat visits): history items stay in the policy's and the CM's pools."""
+    n_items = 20
+    hist = torch.tensor([[19, 17, -1], [3, 2, 1]])
+    hist_len, target = torch.tensor([2, 3]), torch.tensor([18, 19])
+    cfg = SamplerConfig(K=2, n_candidates=4, candidates="cm", candidates_history=True)
+    s = TrajectorySampler(TopCM(n_items), n_items, cfg)
+    # row 0: 19 and 17 (history) now lead; 18 (the target) is still left out
+    assert s.cm_top(hist, hist_len, target).tolist() == [[19, 17, 16, 15], [18, 17, 16, 15]]
+    policy_cfg = SamplerConfig(K=3, n_candidates=10, candidates="policy", candidates_history=True)
+    top = torch.arange(10).expand(2, 10).clone()
+    hist = torch.tensor([[0, 5, 7], [100, 101, 102]])
+    cand = TrajectorySampler(FixedCM(1000), 1000, policy_cfg, seed=0).candidates(hist, torch.tensor([3, 2]), top)
+    # only the targets (3 in row 0, 2 in row 1) are redrawn; 0, 5, 7 (row 0's history) stay
+    assert cand[0, [0, 1, 2, 4, 5, 6, 7, 8, 9]].tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert cand[1, [0, 1, 3, 4, 5, 6, 7, 8, 9]].tolist() == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+    assert cand[0, 3] != 3 and cand[1, 2] != 2
+
 def test_sharing_the_cms_full_scores_changes_nothing_and_leaves_them_intact():
     """gflowgr_step computes full_scores once and hands them to the sampler and to r_c."""
     import collab
