@@ -49,7 +49,8 @@ STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-
 # ablation never overwrites the full model and identical configs share one run.
 VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"), ("sampler.K", "K{}"),
                   ("ft.weight", "no-weight"), ("ft.lam", "lambda{}"),
-                  ("sampler.aug_history", "hist{}"), ("sampler.candidates_history", "cand-hist"), ("ft.reward_floor", "floor{}"),
+                  ("sampler.aug_history", "hist{}"), ("sampler.candidates", "cand-{}"),
+                  ("sampler.n_candidates", "N{}"), ("sampler.candidates_history", "cand-hist-{}"), ("ft.reward_beta", "beta{}"), ("ft.reward_floor", "floor{}"),
                   ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"), ("ft.ft_last", "last{}"),
                   ("cm.crossfit", "crossfit{}"))
 RANKING_VARIANT = "history-out"  # --filter-seen: every method's run is named apart (its lists differ)
@@ -138,14 +139,20 @@ PRESETS = {
     # without (40 epochs), 0.0260 with (early stop at epoch 8, best 2), 0.0275 with validation from
     # epoch 20 (the early stop is otherwise taken in the flat stretch after the repeats are learned).
     # BENCHMARKS.md, 2026-12-06 (fourth).
-    # Fine-tuning and the CM's dropout: Beauty's settings (chosen on Beauty's validation), carried
-    # over, not tuned on Yelp. Seed 42 from the preset SFT, valid NDCG@10: GFlowGR-TB 0.0279,
-    # SFT-continued 0.0270, SFT 0.0264 (BENCHMARKS.md, 2026-12-06 (fifth)). No --cm-filter-seen:
-    # Yelp's repeats are items of the history.
+    # Fine-tuning: Beauty's target P_SFT(v|U) r_c(v)^beta, closed-form log Z, newest context, 3 epochs,
+    # lambda 0.03, CM dropout 0.5; but the augmented trajectories are the GR's own whole top-10 with
+    # the user's history items in (--candidates policy --n-candidates 10 --candidates-history
+    # --sampler random --K 10) and beta 4: valid NDCG@10 0.0302 +- 0.0005 over seeds 42-44 against
+    # 0.0279 for Beauty's setting (the CM's top-50 less the history, K 3, beta 0.5) and 0.0293 for
+    # IPA, ahead of both on every seed; on seed 42 beta 0.5 / 1 / 2 / 4 gave 0.0286 / 0.0291 /
+    # 0.0304 / 0.0306 (BENCHMARKS.md, 2026-12-06 (sixth)). No --cm-filter-seen: Yelp's repeats are
+    # items of the history, and the CM's view of them is what fine-tuning carries into the GR.
     "yelp": {"train.epochs": 40, "train.patience": 6, "train.eval_users": 10000, "cm.lr": 2e-3,
              "model.copy_bonus": True, "train.eval_from": 20, "cm.dropout": 0.5,
-             "ft.reward": "rc", "ft.reward_beta": 0.5, "ft.sft_prior": True, "cm.score": "softmax",
-             "sampler.candidates": "cm", "ft.log_z": "vargrad", "ft.ft_last": 1, "ft.ft_epochs": 3, "ft.lam": 0.03},
+             "ft.reward": "rc", "ft.reward_beta": 4.0, "ft.sft_prior": True, "cm.score": "softmax",
+             "sampler.candidates": "policy", "sampler.n_candidates": 10, "sampler.candidates_history": True,
+             "sampler.sampler": "random", "sampler.K": 10,
+             "ft.log_z": "vargrad", "ft.ft_last": 1, "ft.ft_epochs": 3, "ft.lam": 0.03},
 }
 # TrainConfig fields that do not change the SFT model, so are left out of its cache key
 NOT_SFT_SETTINGS = ("method", "backbone", "seeds", "device", "out", "eval_batch", "threads", "study", "diversity_users",
@@ -341,7 +348,8 @@ def variant(cfg: Config) -> str:
         group, name = dotted.split(".")
         value = getattr(getattr(cfg, group), name)
         if value != getattr(getattr(base, group), name):
-            parts.append(fmt.format(f"{value:g}" if isinstance(value, float) else str(value).replace(",", "-")))
+            shown = "on" if value is True else "off" if value is False else f"{value:g}" if isinstance(value, float) else str(value)
+            parts.append(fmt.format(shown.replace(",", "-")))
     return "+".join(parts + tag)
 
 
@@ -370,6 +378,14 @@ def run_identity(cfg: Config) -> dict:
     """What makes a run's result: its config (and, under torchrun, the number of processes:
     distributed.key), not who asked for it or how fast it ran."""
     identity = {**asdict(cfg), "train": train_settings(cfg.train, NOT_RUN_SETTINGS)}
+    # Settings a method never reads do not make its result: SFT, PPO, GRPO, SPRec, IPA and
+    # SFT-continued draw nothing from GFlowGR's sampler, and only GFlowGR raises its reward to beta,
+    # so a change of those settings (a preset's, say) leaves those runs finished.
+    method = cfg.train.method
+    if method == "sft" or (method in FINETUNE_TABLE and not FINETUNE_TABLE[method].needs_sampler(method)):
+        del identity["sampler"]
+    if method not in OBJECTIVE:
+        del identity["ft"]["reward_beta"]
     for part in distributed.key():  # [] for one process: its identity is unchanged
         identity.update(part)
     return json.loads(json.dumps(identity))

@@ -1,5 +1,6 @@
 """The analysis studies (experiments.py) on a small toy world: tables, figures, shared runs,
 reproducibility, and the exposure-bias generator whose truth is known."""
+import copy
 import dataclasses
 import json
 import shutil
@@ -9,7 +10,7 @@ import pytest
 
 import data as data_mod
 import experiments
-from config import STUDIES, Config, finalize, finished, run_dir, variant
+from config import STUDIES, Config, apply_preset, finalize, finished, run_dir, variant
 from conftest import tiny_config
 from metrics import recall_hidden
 from train import cli, main
@@ -100,7 +101,7 @@ def test_variants_are_named_against_the_dataset_preset():
 
 
 def test_variant_names_and_reuse(tmp_path):
-    c = Config()
+    c = apply_preset(Config())  # the toy preset: variants are named against it
     c.train.method = "gflowgr-tb"
     assert variant(c) == ""
     c.sampler.K, c.ft.lam, c.ft.reward, c.ft.weight = 0, 10.0, "ra,rsim", False
@@ -121,6 +122,37 @@ def test_variant_names_and_reuse(tmp_path):
     other.ft.lam = 2.0
     assert not finished(other)
 
+
+def test_a_run_is_reused_when_only_settings_it_never_reads_change(tmp_path):
+    """The sampler's and beta's settings make GFlowGR's, DPO's and S-DPO's results, not IPA's or PPO's."""
+    def done(method):
+        cfg = study_cfg(tmp_path, "")
+        cfg.train.method = method
+        cfg = finalize(cfg)
+        d = run_dir(cfg)
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text("{}")
+        (d / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        return cfg
+
+    for method, reads_sampler, reads_beta in (("sft", False, False), ("ipa", False, False), ("ppo", False, False), ("sft-continued", False, False),
+                                              ("dpo", True, False), ("sdpo", True, False), ("gflowgr-tb", True, True)):
+        cfg = done(method)
+        k = copy.deepcopy(cfg)
+        k.sampler.K, k.sampler.candidates_history = 5, True
+        beta = copy.deepcopy(cfg)
+        beta.ft.reward_beta = 7.0
+        assert finished(k) is not reads_sampler and finished(beta) is not reads_beta, method
+        other = copy.deepcopy(cfg)
+        other.ft.ft_lr = 1e-2  # a setting every method reads
+        assert not finished(other), method
+
+
+def test_boolean_variants_say_on_or_off():
+    from config import parse_config
+
+    assert variant(parse_config(["--dataset", "beauty", "--candidates-history"])) == "cand-hist-on"
+    assert variant(parse_config(["--dataset", "beauty", "--reward-beta", "2", "--candidates", "policy", "--n-candidates", "10"])) == "cand-policy+N10+beta2"
 
 def test_diversity_numbers(studies):
     _, got, _ = studies
