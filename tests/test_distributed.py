@@ -25,7 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TOY = ["--dataset", "toy", "--method", "gflowgr-tb", "--epochs", "4", "--patience", "3", "--cm-epochs", "2",
        "--ft-epochs", "2", "--head-warmup", "5", "--inspect-users", "5", "--dropout", "0", "--cm-dropout", "0",
        "--candidates", "cm"]
-RUN = "toy__gflowgr-tb__seed42"
+
+
+def run_name(*extra) -> str:
+    """The run folder train.py names for TOY + extra (config.variant: --candidates cm is a variant of toy)."""
+    from config import parse_config, run_dir
+    return run_dir(parse_config([*TOY, *extra])).name
 
 
 def free_port() -> int:
@@ -105,7 +110,7 @@ def torchrun(out, *extra, log=None, n=2):
                                 start_new_session=True)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((Path(out) / RUN / "metrics.json").read_text()), done.stdout
+    return json.loads((Path(out) / run_name(*extra) / "metrics.json").read_text()), done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +158,7 @@ def _kill_when(proc, root: Path, pattern: str, timeout=240):
     for pid in [proc.pid, *_descendants(proc.pid)]:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
-    assert not any(root.glob(f"{RUN}/metrics.json")), "the job finished before it was killed"
+    assert not any(root.glob("toy__gflowgr-tb*/metrics.json")), "the job finished before it was killed"
 
 
 def test_sigkilled_torchrun_job_resumes_to_the_same_numbers(tmp_path):
@@ -163,7 +168,7 @@ def test_sigkilled_torchrun_job_resumes_to_the_same_numbers(tmp_path):
     out = tmp_path / "killed"
     # killed in the middle of SFT (after its first saved epoch), then of the fine-tuning
     _kill_when(torchrun(out, *streams, log=tmp_path / "1.log"), out, "toy/sft-*/resume.pt")
-    _kill_when(torchrun(out, *streams, log=tmp_path / "2.log"), out, f"{RUN}/resume.pt")
+    _kill_when(torchrun(out, *streams, log=tmp_path / "2.log"), out, f"{run_name(*streams)}/resume.pt")
     resumed, log = torchrun(out, *streams)
     assert "[resume] SFT continues" in (tmp_path / "2.log").read_text()
     assert "[resume] gflowgr-tb continues after epoch 1" in log

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from config import parse_config, run_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 # a small toy run: 150 users, 20 RQ-VAE epochs, 3 SFT and 3 CM epochs (no early stop), 2 GFlowGR epochs, one thread
 # (bit-reproducible); every stage has more than one epoch, so each can be killed after its first checkpoint
@@ -120,7 +122,7 @@ def test_killed_baseline_resumes_to_the_same_numbers(whole_run, tmp_path, method
     for name in ("whole", "killed"):  # both start from the same cached IDs, SFT model and CM
         shutil.copytree(whole_run / "toy", tmp_path / name / "toy")
     finish(start(tmp_path / "whole", method, "--ft-epochs", "2", *extra))
-    run = f"toy__{method}{'+reward-rc' if '--reward' in extra else ''}__seed42"  # config.variant names it
+    run = run_dir(parse_config([*ARGS, "--method", method, *extra])).name  # config.variant names it
     proc = start(tmp_path / "killed", method, "--ft-epochs", "2", *extra)
     out = kill_when(proc, (tmp_path / "killed" / run, "resume.pt"), sig=sig)
     if sig == signal.SIGINT:  # Ctrl-C: one line saying what to do, exit status 130
