@@ -49,8 +49,8 @@ STUDIES = ("ablation", "k", "lambda", "diversity", "exposure", "fusion", "paper-
 # ablation never overwrites the full model and identical configs share one run.
 VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"), ("sampler.K", "K{}"),
                   ("ft.weight", "no-weight"), ("ft.lam", "lambda{}"),
-                  ("sampler.aug_history", "hist{}"), ("sampler.candidates", "cand-{}"),
-                  ("sampler.n_candidates", "N{}"), ("sampler.candidates_history", "cand-hist-{}"), ("ft.reward_beta", "beta{}"), ("ft.reward_floor", "floor{}"),
+                  ("sampler.aug_history", "hist{}"), ("sampler.candidates", "cand-{}"), ("sampler.n_candidates", "N{}"),
+                  ("sampler.candidates_history", "cand-hist-{}"), ("ft.reward_beta", "beta{}"), ("ft.reward_floor", "floor{}"),
                   ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"), ("ft.ft_last", "last{}"),
                   ("cm.crossfit", "crossfit{}"))
 RANKING_VARIANT = "history-out"  # --filter-seen: every method's run is named apart (its lists differ)

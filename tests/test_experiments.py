@@ -154,6 +154,7 @@ def test_boolean_variants_say_on_or_off():
     assert variant(parse_config(["--dataset", "beauty", "--candidates-history"])) == "cand-hist-on"
     assert variant(parse_config(["--dataset", "beauty", "--reward-beta", "2", "--candidates", "policy", "--n-candidates", "10"])) == "cand-policy+N10+beta2"
 
+
 def test_diversity_numbers(studies):
     _, got, _ = studies
     rows = got["diversity"]["rows"]

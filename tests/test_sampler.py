@@ -132,6 +132,7 @@ def test_candidates_history_keeps_the_users_own_items_and_still_drops_the_target
     assert cand[1, [0, 1, 3, 4, 5, 6, 7, 8, 9]].tolist() == [0, 1, 3, 4, 5, 6, 7, 8, 9]
     assert cand[0, 3] != 3 and cand[1, 2] != 2
 
+
 def test_sharing_the_cms_full_scores_changes_nothing_and_leaves_them_intact():
     """gflowgr_step computes full_scores once and hands them to the sampler and to r_c."""
     import collab
