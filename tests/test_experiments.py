@@ -124,7 +124,8 @@ def test_variant_names_and_reuse(tmp_path):
 
 
 def test_a_run_is_reused_when_only_settings_it_never_reads_change(tmp_path):
-    """The sampler's and beta's settings make GFlowGR's, DPO's and S-DPO's results, not IPA's or PPO's."""
+    """The sampler's settings make GFlowGR's, DPO's and S-DPO's results, not IPA's or PPO's; beta and
+    lambda only GFlowGR's."""
     def done(method):
         cfg = study_cfg(tmp_path, "")
         cfg.train.method = method
@@ -142,7 +143,10 @@ def test_a_run_is_reused_when_only_settings_it_never_reads_change(tmp_path):
         k.sampler.K, k.sampler.candidates_history = 5, True
         beta = copy.deepcopy(cfg)
         beta.ft.reward_beta = 7.0
+        lam = copy.deepcopy(cfg)
+        lam.ft.lam = 0.5
         assert finished(k) is not reads_sampler and finished(beta) is not reads_beta, method
+        assert finished(lam) is not reads_beta, method
         other = copy.deepcopy(cfg)
         other.ft.ft_lr = 1e-2  # a setting every method reads
         assert not finished(other), method
@@ -151,8 +155,9 @@ def test_a_run_is_reused_when_only_settings_it_never_reads_change(tmp_path):
 def test_boolean_variants_say_on_or_off():
     from config import parse_config
 
-    assert variant(parse_config(["--dataset", "beauty", "--candidates-history"])) == "cand-hist-on"
-    assert variant(parse_config(["--dataset", "beauty", "--reward-beta", "2", "--candidates", "policy", "--n-candidates", "10"])) == "cand-policy+N10+beta2"
+    assert variant(parse_config(["--dataset", "beauty", "--no-candidates-history"])) == "cand-hist-off"
+    assert variant(parse_config(["--dataset", "toy", "--candidates-history"])) == "cand-hist-on"
+    assert variant(parse_config(["--dataset", "beauty", "--reward-beta", "2", "--candidates", "cm", "--n-candidates", "50"])) == "cand-cm+N50+beta2"
 
 
 def test_diversity_numbers(studies):
