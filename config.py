@@ -52,7 +52,10 @@ VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"),
                   ("sampler.aug_history", "hist{}"), ("sampler.candidates", "cand-{}"), ("sampler.n_candidates", "N{}"),
                   ("sampler.candidates_history", "cand-hist-{}"), ("ft.reward_beta", "beta{}"), ("ft.reward_floor", "floor{}"),
                   ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"), ("ft.ft_last", "last{}"),
-                  ("cm.crossfit", "crossfit{}"))
+                  ("cm.crossfit", "crossfit{}"), ("ft.head_lr", "headlr{}"))
+# Named for every fine-tuning method (each reads them): a learning-rate sweep must not land in the
+# default run's folder and replace it
+FINETUNE_VARIANT_FIELDS = (("ft.ft_lr", "ftlr{}"),)
 RANKING_VARIANT = "history-out"  # --filter-seen: every method's run is named apart (its lists differ)
 
 
@@ -342,18 +345,18 @@ def variant(cfg: Config) -> str:
     The defaults are the dataset's preset: `train.py --dataset beauty` names its GFlowGR run
     beauty__gflowgr-tb__seed42 (Beauty's reward is r_c), the name Table 1 reads.
 
-    >>> c = Config(); c.train.method, c.sampler.K, c.ft.lam = "gflowgr-tb", 0, 10.0; variant(c)
-    'K0+lambda10'
+    >>> variant(parse_config(["--dataset", "beauty", "--K", "3", "--lambda", "10", "--ft-lr", "1e-3"]))
+    'K3+lambda10+ftlr0.001'
     """
     tag = [cfg.train.tag] if cfg.train.tag else []
     if cfg.train.filter_seen:
         tag = [RANKING_VARIANT, *tag]
-    if cfg.train.method not in OBJECTIVE:
-        return "+".join(tag)
+    fields = (*VARIANT_FIELDS, *FINETUNE_VARIANT_FIELDS) if cfg.train.method in OBJECTIVE else \
+        FINETUNE_VARIANT_FIELDS if cfg.train.method in FINETUNE_TABLE else ()
     base, parts = Config(), []
     for dotted, value in PRESETS.get(cfg.data.dataset, {}).items():
         set_field(base, dotted, value)
-    for dotted, fmt in VARIANT_FIELDS:
+    for dotted, fmt in fields:
         group, name = dotted.split(".")
         value = getattr(getattr(cfg, group), name)
         if value != getattr(getattr(base, group), name):
@@ -381,6 +384,36 @@ def finished(cfg: Config) -> bool:
     except json.JSONDecodeError:
         return False
     return run_identity(done) == run_identity(cfg) and world == distributed.world()
+
+
+def identity_changes(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """The settings where two run identities differ, as 'group.field: old -> new'.
+
+    >>> identity_changes({"ft": {"ft_lr": 3e-4, "lam": 1}}, {"ft": {"ft_lr": 1e-3, "lam": 1}})
+    ['ft.ft_lr: 0.0003 -> 0.001']
+    """
+    out = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
+
+
+def replaced_run(cfg: Config) -> list[str]:
+    """If run_dir(cfg) holds a finished run of another configuration (which this run will replace),
+    the settings that differ; [] otherwise. Settings without a name in the folder (VARIANT_FIELDS)
+    share the default run's folder: --tag keeps both."""
+    d = run_dir(cfg)
+    try:
+        done = config_from_dict(json.loads((d / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError):
+        return []
+    if not (d / "metrics.json").exists():
+        return []
+    return identity_changes(run_identity(done), run_identity(cfg))
 
 
 def run_identity(cfg: Config) -> dict:

@@ -32,8 +32,8 @@ import data as data_mod
 import distributed
 import results
 from batches import to_tensors
-from config import (RANKING_VARIANT, TABLE_BASELINES, TABLE_GFLOWGR, TABLE_METHODS, Config, finalize, finished, run_dir,
-                    run_identity)
+from config import (RANKING_VARIANT, TABLE_BASELINES, TABLE_GFLOWGR, TABLE_METHODS, Config, finalize, finished, replaced_run,
+                    run_dir, run_identity)
 from evaluation import evaluate, format_table, mostpop_metrics
 from finetune import finetune
 from gflowgr import GFlowNetHeads
@@ -46,6 +46,10 @@ def run(cfg: Config, log=print) -> dict:
     """One run: the pipeline for cfg.train.method; returns the metrics dict that metrics.json holds."""
     cfg = finalize(cfg)
     t = cfg.train
+    changes = replaced_run(cfg)
+    if changes:
+        log(f"[replace] {run_dir(cfg)} holds a finished run with other settings ({'; '.join(changes)}): it is "
+            f"retrained in place. To keep both, stop and rerun with --tag NAME.")
     if t.threads:
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)

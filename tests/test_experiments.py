@@ -10,7 +10,7 @@ import pytest
 
 import data as data_mod
 import experiments
-from config import STUDIES, Config, apply_preset, finalize, finished, run_dir, variant
+from config import STUDIES, Config, apply_preset, finalize, finished, replaced_run, run_dir, variant
 from conftest import tiny_config
 from metrics import recall_hidden
 from train import cli, main
@@ -121,6 +121,21 @@ def test_variant_names_and_reuse(tmp_path):
     assert finished(other)
     other.ft.lam = 2.0
     assert not finished(other)
+    assert replaced_run(other) == []  # lambda is named: another folder, nothing replaced
+    other.ft.lam, other.ft.ft_epochs = cfg.ft.lam, cfg.ft.ft_epochs + 2  # not named: the same folder
+    assert run_dir(other) == d and replaced_run(other) == [f"ft.ft_epochs: {cfg.ft.ft_epochs} -> {cfg.ft.ft_epochs + 2}"]
+
+
+def test_learning_rate_sweeps_get_their_own_folder():
+    """--ft-lr (every fine-tuning method) and --head-lr (GFlowGR) are named: a sweep once replaced
+    the default GFlowGR-TB run of seed 42 in place."""
+    from config import parse_config
+
+    assert variant(parse_config(["--dataset", "beauty", "--ft-lr", "1e-3"])) == "ftlr0.001"
+    assert variant(parse_config(["--dataset", "beauty", "--ft-lr", "1e-3", "--method", "ipa"])) == "ftlr0.001"
+    assert variant(parse_config(["--dataset", "beauty", "--ft-lr", "1e-3", "--method", "sft"])) == ""
+    assert variant(parse_config(["--dataset", "beauty", "--head-lr", "0.1"])) == "headlr0.1"
+    assert variant(parse_config(["--dataset", "beauty", "--head-lr", "0.1", "--method", "dpo"])) == ""
 
 
 def test_a_run_is_reused_when_only_settings_it_never_reads_change(tmp_path):
