@@ -94,6 +94,17 @@ def study_config(cfg: Config, method: str, seed: int, overrides: dict) -> Config
     return finalize(c)
 
 
+def cell_config(cfg: Config, method: str, seed: int, overrides: dict, log=print) -> Config:
+    """study_config, except where a cell has no augmented trajectory (K = 0) under the closed-form
+    log Z (--log-z vargrad, Beauty's and Yelp's preset): log Z is then fitted to the observed
+    trajectory alone, its TB residual is 0 by construction, L_GFN vanishes and Eq. (8) is L_GR on the
+    fine-tuning contexts: the SFT-continued run with the same budget, which the cell reuses."""
+    if overrides.get("sampler.K") == 0 and cfg.ft.log_z == "vargrad" and method == "gflowgr-tb":
+        log("K = 0 under --log-z vargrad: L_GFN is 0 by construction, so this cell is SFT-continued")
+        return study_config(cfg, "sft-continued", seed, {})
+    return study_config(cfg, method, seed, overrides)
+
+
 def gflowgr_method(cfg: Config) -> str:
     """The GFlowGR objective a study varies: --method gflowgr-db studies DB, otherwise TB (as Table 2)."""
     if cfg.train.method in OBJECTIVE:
@@ -156,9 +167,15 @@ def write_outputs(cfg: Config, study: str, md: str, summary: dict, fig: go.Figur
 # ----------------------------------------------------------------------------------------
 
 
-def sweep_cells(study: str) -> list[tuple[str, dict]]:
-    """(label, overrides) of each column / point of a sweep study."""
+def sweep_cells(study: str, cfg: Config | None = None) -> list[tuple[str, dict]]:
+    """(label, overrides) of each column / point of a sweep study.
+
+    Where the preset already draws the K candidates at random (Beauty, Yelp), "w/o Ada" would be
+    the full model again: the column becomes "with Ada", the curriculum switched on.
+    """
     if study == "ablation":
+        if cfg is not None and cfg.sampler.sampler == "random":
+            return [("with Ada", {"sampler.sampler": "adaptive"}) if label == "w/o Ada" else (label, o) for label, o in ABLATION]
         return ABLATION
     if study == "k":
         return [(f"K={k}", {"sampler.K": k}) for k in K_VALUES]
@@ -170,11 +187,11 @@ def run_sweep(cfg: Config, study: str, log=print) -> dict:
     method, seeds = gflowgr_method(cfg), seeds_of(cfg)
     cells = []
     sft = {k: [] for k in METRICS}
-    for label, overrides in sweep_cells(study):
+    for label, overrides in sweep_cells(study, cfg):
         values = {k: [] for k in METRICS}
         runs = []
         for seed in seeds:
-            c = study_config(cfg, method, seed, overrides)
+            c = cell_config(cfg, method, seed, overrides, log)
             log(f"\n=== {study}: {label}, seed {seed} ({run_dir(c).name}) ===")
             m = run_or_reuse(c, log)
             runs.append(run_dir(c).name)
@@ -202,7 +219,8 @@ def sweep_markdown(s: dict) -> str:
             lines.append(f"| {results.COLUMN[k]} | " + " | ".join(cells) + " |")
         if paper_note:
             for i, k in enumerate(METRICS):
-                ref = [f"{PAPER_TABLE2[c['label']][i]:.4f}" for c in s["cells"]] + [f"{PAPER_SFT_TIGER_BEAUTY[i]:.4f}"]
+                ref = [f"{PAPER_TABLE2[c['label']][i]:.4f}" if c["label"] in PAPER_TABLE2 else "–" for c in s["cells"]] + \
+                      [f"{PAPER_SFT_TIGER_BEAUTY[i]:.4f}"]
                 lines.append(f"| {results.COLUMN[k]} (paper) | " + " | ".join(ref) + " |")
         full = s["cells"][-1]["metrics"]
         lines += ["", "Change of HR@10 / NDCG@10 against the full model (this run):", "",

@@ -321,3 +321,22 @@ def test_a_letter_study_does_not_overwrite_the_tiger_one(tmp_path):
         written[backbone] = summary["paths"]["md"]
     assert written["tiger"].endswith("toy_tilt.md") and written["letter"].endswith("toy_letter_tilt.md")
     assert open(written["tiger"]).read() == "# tiger\n" and open(written["letter"]).read() == "# letter\n"
+
+
+def test_sweep_cells_follow_the_preset():
+    """Beauty's preset draws the K candidates at random and fits log Z in closed form: Table 2's
+    "w/o Ada" becomes "with Ada", and a K = 0 cell (L_GFN is 0 by construction) is SFT-continued."""
+    from config import parse_config
+    from experiments import cell_config, sweep_cells
+
+    beauty = parse_config(["--dataset", "beauty", "--study", "ablation", "--seeds", "42"])
+    cells = dict(sweep_cells("ablation", beauty))
+    assert "w/o Ada" not in cells and cells["with Ada"] == {"sampler.sampler": "adaptive"}
+    assert dict(sweep_cells("ablation", parse_config(["--dataset", "toy"])))["w/o Ada"] == {"sampler.sampler": "random"}
+    said = []
+    k0 = cell_config(beauty, "gflowgr-tb", 43, {"sampler.K": 0}, said.append)
+    assert (k0.train.method, k0.train.seed, k0.sampler.K) == ("sft-continued", 43, beauty.sampler.K) and "SFT-continued" in said[0]
+    k1 = cell_config(beauty, "gflowgr-tb", 43, {"sampler.K": 1}, said.append)
+    assert (k1.train.method, k1.sampler.K, len(said)) == ("gflowgr-tb", 1, 1)
+    toy_k0 = cell_config(parse_config(["--dataset", "toy"]), "gflowgr-tb", 42, {"sampler.K": 0}, said.append)
+    assert (toy_k0.train.method, toy_k0.sampler.K) == ("gflowgr-tb", 0)  # toy learns log Z(U): K = 0 is a GFlowGR run
