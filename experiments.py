@@ -170,10 +170,14 @@ def write_outputs(cfg: Config, study: str, md: str, summary: dict, fig: go.Figur
 def sweep_cells(study: str, cfg: Config | None = None) -> list[tuple[str, dict]]:
     """(label, overrides) of each column / point of a sweep study.
 
-    Where the preset already draws the K candidates at random (Beauty, Yelp), "w/o Ada" would be
-    the full model again: the column becomes "with Ada", the curriculum switched on.
+    Where the preset already draws the K candidates at random, "w/o Ada" would be the full model
+    again: the column becomes "with Ada", the curriculum switched on. Where every candidate is drawn
+    (K = N, Beauty's and Yelp's presets: the GR's whole top-10) there is nothing for the sampler to
+    choose, and the column is left out.
     """
     if study == "ablation":
+        if cfg is not None and cfg.sampler.K >= cfg.sampler.n_candidates:
+            return [(label, o) for label, o in ABLATION if label != "w/o Ada"]
         if cfg is not None and cfg.sampler.sampler == "random":
             return [("with Ada", {"sampler.sampler": "adaptive"}) if label == "w/o Ada" else (label, o) for label, o in ABLATION]
         return ABLATION

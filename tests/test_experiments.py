@@ -324,13 +324,16 @@ def test_a_letter_study_does_not_overwrite_the_tiger_one(tmp_path):
 
 
 def test_sweep_cells_follow_the_preset():
-    """Beauty's preset draws the K candidates at random and fits log Z in closed form: Table 2's
-    "w/o Ada" becomes "with Ada", and a K = 0 cell (L_GFN is 0 by construction) is SFT-continued."""
+    """Beauty's preset draws all N = K candidates and fits log Z in closed form: Table 2 has no Ada
+    column (with K < N at random it is "with Ada"), and a K = 0 cell (L_GFN is 0 by construction) is
+    SFT-continued."""
     from config import parse_config
-    from experiments import cell_config, sweep_cells
+    from experiments import ABLATION, cell_config, sweep_cells
 
     beauty = parse_config(["--dataset", "beauty", "--study", "ablation", "--seeds", "42"])
-    cells = dict(sweep_cells("ablation", beauty))
+    cells = dict(sweep_cells("ablation", beauty))  # K = N = 10: every candidate is drawn, no choice to ablate
+    assert "w/o Ada" not in cells and "with Ada" not in cells and len(cells) == len(ABLATION) - 1
+    cells = dict(sweep_cells("ablation", parse_config(["--dataset", "beauty", "--n-candidates", "20"])))
     assert "w/o Ada" not in cells and cells["with Ada"] == {"sampler.sampler": "adaptive"}
     assert dict(sweep_cells("ablation", parse_config(["--dataset", "toy"])))["w/o Ada"] == {"sampler.sampler": "random"}
     said = []
