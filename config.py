@@ -375,15 +375,24 @@ def finished(cfg: Config) -> bool:
     """Whether the run of cfg has finished earlier with this very configuration: its metrics.json
     exists, its config.json equals cfg (fields added since it ran count as their defaults) and it
     ran on as many processes (torchrun) as this one."""
-    d = run_dir(cfg)
-    if not (d / "metrics.json").exists() or not (d / "config.json").exists():
+    done = finished_config(run_dir(cfg))
+    if done is None:
         return False
     try:
-        done = config_from_dict(json.loads((d / "config.json").read_text()))
-        world = json.loads((d / "metrics.json").read_text()).get("world_size", 1)
+        world = json.loads((run_dir(cfg) / "metrics.json").read_text()).get("world_size", 1)
     except json.JSONDecodeError:
         return False
     return run_identity(done) == run_identity(cfg) and world == distributed.world()
+
+
+def finished_config(d: Path) -> Config | None:
+    """The config of the finished run in folder d (its config.json, next to a metrics.json); None if none."""
+    if not (d / "metrics.json").exists() or not (d / "config.json").exists():
+        return None
+    try:
+        return config_from_dict(json.loads((d / "config.json").read_text()))
+    except json.JSONDecodeError:
+        return None
 
 
 def identity_changes(before: dict, after: dict, prefix: str = "") -> list[str]:
@@ -406,14 +415,8 @@ def replaced_run(cfg: Config) -> list[str]:
     """If run_dir(cfg) holds a finished run of another configuration (which this run will replace),
     the settings that differ; [] otherwise. Settings without a name in the folder (VARIANT_FIELDS)
     share the default run's folder: --tag keeps both."""
-    d = run_dir(cfg)
-    try:
-        done = config_from_dict(json.loads((d / "config.json").read_text()))
-    except (OSError, json.JSONDecodeError):
-        return []
-    if not (d / "metrics.json").exists():
-        return []
-    return identity_changes(run_identity(done), run_identity(cfg))
+    done = finished_config(run_dir(cfg))
+    return [] if done is None else identity_changes(run_identity(done), run_identity(cfg))
 
 
 def run_identity(cfg: Config) -> dict:
