@@ -12,7 +12,7 @@ Everything is read from `runs/` (env GFLOWGR_RUNS overrides): the run's config.j
 metrics.json, metrics.jsonl and checkpoint.pt, the cached SFT stage and the cached CM. The app
 never trains; per-user numbers are computed live, so any test user can be inspected.
 
-One concept at ~610 lines: a Streamlit page is one script; each panel is one function
+One concept at ~620 lines: a Streamlit page is one script; each panel is one function
 (`panel_*`), loading and the per-user computations come first.
 
 Usage: `streamlit run app.py` (after `python train.py --dataset toy --method gflowgr-tb`)

@@ -43,6 +43,9 @@ change the trained model, so it is not in the stage's cache key):
 `TasteOracle` stands in for the CM on the toy world (`--oracle-reward`): r_c from the truth,
 the control that tells a weak reward from a fine-tuning that cannot use a good one.
 
+One concept at ~700 lines: the CM is one stage (model, its three losses, its cached and
+resumable training, its r_c mappings); the fine-tuning reads a trained CM through `load_or_train` and `score`.
+
 Usage: `cm, info = load_or_train(ds, splits, CollabConfig(), Path("runs/beauty")); r_c = cm.score(hist, hist_len, items)`
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ K = 3, lambda = 1 and full-ablation columns are the same run. Results are writte
 results/<dataset>_<study>.md (tables), .json (every number, per seed) and .html (a plotly
 figure, standalone). Same seeds and config give the same numbers.
 
-One concept at ~640 lines: the studies share the run sweep, the seeds statistics and the
+One concept at ~700 lines: the studies share the run sweep, the seeds statistics and the
 output writer; each study is one function (`study_*`) that reads top to bottom.
 
 Usage: `python train.py --dataset beauty --study ablation --seeds 42`

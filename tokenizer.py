@@ -27,6 +27,8 @@ What is here, in pipeline order:
      backbone's softmax into the trie-constrained policy P_F used by beam search and
      every loss.
 
+One concept at ~540 lines: the four steps above make one item's ID and are cached as one stage.
+
 Usage: `codes, report = build_semantic_ids(emb, TokenizerConfig()); trie = Trie.build(codes, 256)`
 (LETTER: `TokenizerConfig(id_method="letter")` and `build_semantic_ids(emb, cfg, cf_emb=cm.item_emb.weight[:n_items])`)
 """
