@@ -52,7 +52,7 @@ VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"),
                   ("sampler.aug_history", "hist{}"), ("sampler.candidates", "cand-{}"), ("sampler.n_candidates", "N{}"),
                   ("sampler.candidates_history", "cand-hist-{}"), ("ft.reward_beta", "beta{}"), ("ft.reward_floor", "floor{}"),
                   ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"), ("ft.ft_last", "last{}"),
-                  ("cm.crossfit", "crossfit{}"), ("ft.head_lr", "headlr{}"))
+                  ("cm.crossfit", "crossfit{}"), ("ft.head_lr", "headlr{}"), ("ft.target_weight", "target-weight"))
 # Named for every fine-tuning method (each reads them): a learning-rate sweep must not land in the
 # default run's folder and replace it
 FINETUNE_VARIANT_FIELDS = (("ft.ft_lr", "ftlr{}"),)

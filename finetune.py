@@ -43,7 +43,7 @@ from batches import length_bucketed_batches, trim
 from data import DataError
 from evaluation import evaluate, recommend
 from gflowgr import GFlowNetHeads, GRModel
-from losses import REWARD_FLOOR, gflowgr_loss, gr_loss, log_reward, reward, trajectory_weight, vargrad_log_z
+from losses import REWARD_FLOOR, gflowgr_loss, gr_loss, log_reward, reward, target_share, trajectory_weight, vargrad_log_z
 from runtime import JsonlLogger, check_finite, set_seed
 from sampler import TrajectorySampler
 
@@ -62,6 +62,7 @@ class FinetuneConfig:
     lam: float = field(default=1.0, metadata={"help": "lambda of Eq. (7)/(8): weight of the GFlowNet loss", "flag": "--lambda"})
     reward: str = field(default="ra,rc,rsim", metadata={"help": "reward terms, any subset of ra,rc,rsim (Sec. 3.2)"})
     weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
+    target_weight: bool = field(default=False, metadata={"help": "multiply each trajectory's weight by the target's probability of it within its sample's 1 + K (losses.target_share): the fit goes where the target's mass is, the top of the list"})
     log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z) | vargrad (closed form from each sample's 1 + K trajectories)"})
     log_flow: str = field(default="prefix", metadata={"help": "DB's log F(s_l): head (an MLP on the prefix state) | prefix (the MLP plus the policy's own log-probability of reaching s_l, detached: starts near balance)"})
     reward_beta: float = field(default=3.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1; 3 was best on Beauty valid)"})
@@ -118,7 +119,7 @@ def balance_terms(heads: GFlowNetHeads, objective: str, ft: FinetuneConfig, log_
     """
     if objective == "tb":
         if ft.log_z == "vargrad":
-            return vargrad_log_z(log_pf, log_r, w if ft.weight else None), None  # (B,)
+            return vargrad_log_z(log_pf, log_r, w), None  # (B,)
         return heads.log_z(mem, mask), None  # (B,)
     log_flow = heads.log_flow(h)  # (B, M, L)
     if ft.log_flow == "prefix":
@@ -150,10 +151,12 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     # Sec. 3.2: R = r_a + r_c + r_sim, and the log-reward the GFlowNet targets
     rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, hist, hist_len)  # (B, M)
     w = trajectory_weight(rew["r_a"], r_c) if ft.weight else torch.ones_like(log_r)  # (B, M), Eq. (8)'s weight
+    if ft.target_weight:  # --target-weight: times the target's probability of each trajectory (losses.target_share)
+        w = w * target_share(log_r)
     log_z, log_flow = balance_terms(heads, objective, ft, log_pf, h, mem, mask, log_r, w)
     # Eq. (8) (Eq. 7 with --no-weight)
     loss, parts = gflowgr_loss(log_pf, log_r, objective=objective, r_a=rew["r_a"], r_c=r_c, log_z=log_z,
-                               log_flow=log_flow, lam=ft.lam, weighted=ft.weight)
+                               log_flow=log_flow, lam=ft.lam, weighted=ft.weight, target_weighted=ft.target_weight)
     terms = {"gr": parts.pop("_l_gr"), "gfn": parts.pop("_l_gfn")}  # with their graphs, for the gradient norms
     parts["gfn/balance_offset"] = (log_r - log_pf.sum(-1)).mean().detach()  # the log Z that balances the batch on average
     # Eq. (6)'s residual log Z + sum_l log P_F - log R per trajectory (DB: telescoped, log Z = log F(s_0))

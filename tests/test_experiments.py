@@ -106,6 +106,8 @@ def test_variant_names_and_reuse(tmp_path):
     assert variant(c) == ""
     c.sampler.K, c.ft.lam, c.ft.reward, c.ft.weight = 0, 10.0, "ra,rsim", False
     assert variant(c) == "reward-ra-rsim+K0+no-weight+lambda10"
+    c.ft.target_weight = True  # --target-weight runs beside the default, not in its folder
+    assert variant(c) == "reward-ra-rsim+K0+no-weight+lambda10+target-weight"
     c.train.method = "sft"
     assert variant(c) == ""  # only GFlowGR runs are study variants
     # a finished run is reused whatever the runs folder, threads or study that asks for it, not with another lambda

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from gflowgr import GFlowNetHeads, GRModel, ModelConfig
-from losses import (REWARD_FLOOR, WEIGHT_MIN_GAP, db_loss, gflowgr_loss, gr_loss, log_reward, reward, tb_loss,
-                    trajectory_weight, vargrad_log_z)
+from losses import (REWARD_FLOOR, WEIGHT_MIN_GAP, db_loss, gflowgr_loss, gr_loss, log_reward, reward, target_share,
+                    tb_loss, trajectory_weight, vargrad_log_z)
 from tokenizer import Trie, add_dedup_level
 
 
@@ -213,23 +213,57 @@ def test_vargrad_log_z_is_the_weighted_mean_and_minimises_tb():
     assert a.item() == pytest.approx(b.item())
 
 
-def test_vargrad_on_subsets_of_trajectories_matches_reward_distribution():
-    """The closed-form log Z, estimated each step from only 6 random trajectories per user (as
-    GFlowGR estimates it from 1 + K), still drives P(item | U) to R / sum R: TB's ratio form."""
+def _vargrad_fit_tv(steps: int, target_weighted: bool) -> torch.Tensor:
+    """Fit the enumerable world with the closed-form log Z from 6 random trajectories per user each
+    step (as GFlowGR estimates it from 1 + K), optionally --target-weight's weights; the total
+    variation between P(item | U) and R / sum R per user, (2,)."""
     model, R, hist, hist_len, n_items = _enumerable_world()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
-    for _ in range(500):
+    for _ in range(steps):
         items = torch.stack([torch.randperm(n_items, generator=g)[:6] for _ in range(2)])  # (2, 6)
         log_pf, _, _, _ = model.trajectories(hist, hist_len, items)
         log_r = R.gather(1, items).log()
-        loss = tb_loss(vargrad_log_z(log_pf, log_r)[:, None], log_pf, log_r).mean()
+        w = target_share(log_r) if target_weighted else torch.ones_like(log_r)
+        loss = (w * tb_loss(vargrad_log_z(log_pf, log_r, w)[:, None], log_pf, log_r)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
         log_pf, _, _, _ = model.trajectories(hist, hist_len, torch.arange(n_items).repeat(2, 1))
         p = log_pf.sum(-1).exp()
-    target = R / R.sum(1, keepdim=True)
-    tv = 0.5 * (p - target).abs().sum(1)
+    return 0.5 * (p - R / R.sum(1, keepdim=True)).abs().sum(1)
+
+
+def test_vargrad_on_subsets_of_trajectories_matches_reward_distribution():
+    """The closed-form log Z, estimated each step from only 6 random trajectories per user, still
+    drives P(item | U) to R / sum R: TB's ratio form."""
+    tv = _vargrad_fit_tv(500, target_weighted=False)
+    assert (tv < 0.05).all(), tv
+
+
+def test_target_share_hand_value_and_eq8_with_it():
+    """Rewards 1 and 3: target probabilities 1/4 and 3/4, times M = 2 -> 0.5 and 1.5 (mean 1), no
+    gradient; in Eq. (8) --target-weight multiplies each trajectory's weight (and the closed-form
+    log Z's) by them."""
+    log_r = torch.log(torch.tensor([[1.0, 3.0]])).requires_grad_(True)
+    q = target_share(log_r)
+    assert q.tolist()[0] == pytest.approx([0.5, 1.5])
+    assert not q.requires_grad
+    log_pf = torch.tensor([[[-1.0, -1.0], [-2.0, -1.0]]])  # sum log P_F = -2, -3
+    r_a, r_c = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.2]])
+    w = trajectory_weight(r_a, r_c) * q  # (1, 2)
+    assert w.tolist()[0] == pytest.approx([2.0, 1.5 / max(0.2, WEIGHT_MIN_GAP) ** 2])  # 4 * 0.5; the gap 0.2 floored
+    x = log_r.detach() - log_pf.sum(-1)  # the log Z each trajectory needs: 2, 3 + log 3
+    log_z = (w * x).sum() / w.sum()
+    by_hand = 2.0 + 0.1 * (w[0, 0] * (x[0, 0] - log_z) ** 2 + w[0, 1] * (x[0, 1] - log_z) ** 2)  # L_GR = 2, lambda 0.1
+    loss, _ = gflowgr_loss(log_pf, log_r.detach(), objective="tb", r_a=r_a, r_c=r_c, lam=0.1, target_weighted=True)
+    assert loss.item() == pytest.approx(by_hand.item())
+
+
+def test_target_weighted_vargrad_still_matches_reward_distribution():
+    """Weighting the trajectories by the target's probability changes where an imperfect fit puts
+    its errors, not the optimum: on the enumerable world P(item | U) still reaches R / sum R (more
+    slowly than unweighted: the rare items get little weight, so 1,000 steps instead of 500)."""
+    tv = _vargrad_fit_tv(1000, target_weighted=True)
     assert (tv < 0.05).all(), tv
