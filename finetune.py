@@ -107,6 +107,15 @@ def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, c
     return rew, log_r
 
 
+def training_weights(r_a: torch.Tensor, r_c: torch.Tensor, log_r: torch.Tensor, ft: FinetuneConfig) -> torch.Tensor:
+    """Each trajectory's weight in Eq. (8) and in the closed-form log Z, all (B, M): 1 / (r_a - r_c)^2
+    (1 under --no-weight, Eq. 7), times the target's probability of it under --target-weight."""
+    w = trajectory_weight(r_a, r_c) if ft.weight else torch.ones_like(log_r)  # Eq. (8)'s weight
+    if ft.target_weight:  # the trajectories as a draw from the target (losses.target_share)
+        w = w * target_share(log_r)
+    return w
+
+
 def balance_terms(heads: GFlowNetHeads, objective: str, ft: FinetuneConfig, log_pf, h, mem, mask, log_r, w):
     """log Z (B,) for TB, or log F(s_l) (B, M, L) for DB, in the form --log-z / --log-flow chose.
 
@@ -150,9 +159,7 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     log_pf, h, mem, mask = model.trajectories(hist, hist_len, items)  # (B, M, L), (B, M, L, d)
     # Sec. 3.2: R = r_a + r_c + r_sim, and the log-reward the GFlowNet targets
     rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, hist, hist_len)  # (B, M)
-    w = trajectory_weight(rew["r_a"], r_c) if ft.weight else torch.ones_like(log_r)  # (B, M), Eq. (8)'s weight
-    if ft.target_weight:  # --target-weight: times the target's probability of each trajectory (losses.target_share)
-        w = w * target_share(log_r)
+    w = training_weights(rew["r_a"], r_c, log_r, ft)  # (B, M): Eq. (8)'s weight (and --target-weight's)
     log_z, log_flow = balance_terms(heads, objective, ft, log_pf, h, mem, mask, log_r, w)
     # Eq. (8) (Eq. 7 with --no-weight)
     loss, parts = gflowgr_loss(log_pf, log_r, objective=objective, r_a=rew["r_a"], r_c=r_c, log_z=log_z,

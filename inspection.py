@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 
 from batches import trim
-from finetune import OBJECTIVE, balance_terms, trajectory_rewards
+from finetune import OBJECTIVE, balance_terms, training_weights, trajectory_rewards
 from gflowgr import GFlowNetHeads, GRModel
-from losses import trajectory_weight
 
 
 def _round(x, nd=4):
@@ -50,8 +49,8 @@ def inspect_users(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads | Non
     # P_SFT(v | U) for --sft-prior), as in finetune.gflowgr_step
     prior = sft_model if cfg.ft.sft_prior else None
     rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, hist, hist_len)  # (B, M)
-    # Eq. (8): w = 1 / (r_a - r_c)^2, clamped
-    w = trajectory_weight(rew["r_a"], r_c)
+    # Eq. (8): w = 1 / (r_a - r_c)^2, clamped (1 under --no-weight; times the target's share under --target-weight)
+    w = training_weights(rew["r_a"], r_c, log_r, cfg.ft)
     if heads is not None:
         heads.eval()
         # log F (B, M, L) and log Z (B,) in the run's forms (--log-flow, --log-z), as in training
