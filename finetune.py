@@ -163,7 +163,7 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     log_z, log_flow = balance_terms(heads, objective, ft, log_pf, h, mem, mask, log_r, w)
     # Eq. (8) (Eq. 7 with --no-weight)
     loss, parts = gflowgr_loss(log_pf, log_r, objective=objective, r_a=rew["r_a"], r_c=r_c, log_z=log_z,
-                               log_flow=log_flow, lam=ft.lam, weighted=ft.weight, target_weighted=ft.target_weight)
+                               log_flow=log_flow, lam=ft.lam, w=w)
     terms = {"gr": parts.pop("_l_gr"), "gfn": parts.pop("_l_gfn")}  # with their graphs, for the gradient norms
     parts["gfn/balance_offset"] = (log_r - log_pf.sum(-1)).mean().detach()  # the log Z that balances the batch on average
     # Eq. (6)'s residual log Z + sum_l log P_F - log R per trajectory (DB: telescoped, log Z = log F(s_0))

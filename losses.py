@@ -132,24 +132,24 @@ def target_share(log_r: torch.Tensor) -> torch.Tensor:
 
     log_r (B, M) -> (B, M).
     """
-    return (log_r.shape[1] * torch.softmax(log_r.detach(), dim=1))  # (B, M)
+    return log_r.shape[1] * torch.softmax(log_r.detach(), dim=1)  # (B, M)
 
 
 def gflowgr_loss(log_pf: torch.Tensor, log_r: torch.Tensor, *, objective: str, r_a: torch.Tensor, r_c: torch.Tensor,
                  log_z: torch.Tensor | None = None, log_flow: torch.Tensor | None = None, lam: float = 1.0,
-                 weighted: bool = True, target_weighted: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 weighted: bool = True, w: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. (7)/(8): L_GR on the observed trajectory + lambda * sum_kappa w(kappa) L_GFN(kappa).
 
     log_pf (B, M, L) with column 0 the observed item; log_r, r_a, r_c (B, M); log_z (B,) for
     TB (None: the closed-form estimate of `vargrad_log_z`); log_flow (B, M, L) for DB.
     Returns the batch-mean loss and its parts for logging; parts["_l_gr"] and parts["_l_gfn"]
     are the two terms with their graphs (for measuring their gradients), the rest detached.
-    target_weighted (--target-weight): w is further multiplied by `target_share(log_r)`.
+    w (B, M): the trajectories' weights when the caller has them (finetune.training_weights, e.g.
+    times `target_share` under --target-weight); None: Eq. (8)'s, or 1 if not weighted.
     """
-    # Eq. (7) uses w = 1; Eq. (8) the inverse squared disagreement of r_a and r_c
-    w = trajectory_weight(r_a, r_c) if weighted else torch.ones_like(log_r)  # (B, M)
-    if target_weighted:  # the trajectories as a draw from the target (target_share)
-        w = w * target_share(log_r)
+    if w is None:
+        # Eq. (7) uses w = 1; Eq. (8) the inverse squared disagreement of r_a and r_c
+        w = trajectory_weight(r_a, r_c) if weighted else torch.ones_like(log_r)  # (B, M)
     if objective == "tb":
         if log_z is None:  # the closed-form (VarGrad) log Z of each sample, with the same weights
             log_z = vargrad_log_z(log_pf, log_r, w)

@@ -257,7 +257,10 @@ def test_target_share_hand_value_and_eq8_with_it():
     x = log_r.detach() - log_pf.sum(-1)  # the log Z each trajectory needs: 2, 3 + log 3
     log_z = (w * x).sum() / w.sum()
     by_hand = 2.0 + 0.1 * (w[0, 0] * (x[0, 0] - log_z) ** 2 + w[0, 1] * (x[0, 1] - log_z) ** 2)  # L_GR = 2, lambda 0.1
-    loss, _ = gflowgr_loss(log_pf, log_r.detach(), objective="tb", r_a=r_a, r_c=r_c, lam=0.1, target_weighted=True)
+    from finetune import FinetuneConfig, training_weights
+    w_run = training_weights(r_a, r_c, log_r, FinetuneConfig(target_weight=True))  # what the fine-tuning step uses
+    assert w_run.tolist()[0] == pytest.approx(w.tolist()[0])
+    loss, _ = gflowgr_loss(log_pf, log_r.detach(), objective="tb", r_a=r_a, r_c=r_c, lam=0.1, w=w_run)
     assert loss.item() == pytest.approx(by_hand.item())
 
 
