@@ -105,14 +105,16 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cross_kv, mem_mask):
         """Teacher-forced pass over all L prefixes at once. x: (B, L, d).
 
-        cross_kv may hold ONE user's keys/values (batch 1) for B items of that user: the B*L
-        prefixes then become the query axis of a single cross-attention (no copy of the memory).
+        cross_kv may hold U users' keys/values for B = U * M items, M consecutive items per user
+        (U = 1: one user scored on all B items): the M*L prefixes of a user then become the query
+        axis of that user's cross-attention, and the memory is neither copied nor projected M times.
         """
         h = self.ln1(x)
         x = x + self.drop(self.self_attn(h, h, causal=True))
         q = self.ln2(x)
-        if cross_kv[0].shape[0] == 1 < x.shape[0]:
-            y = self.cross.attend(rearrange(q, "b l d -> 1 (b l) d"), *cross_kv, mask=mem_mask).view_as(x)
+        n_users = cross_kv[0].shape[0]
+        if n_users < x.shape[0]:
+            y = self.cross.attend(rearrange(q, "(u m) l d -> u (m l) d", u=n_users), *cross_kv, mask=mem_mask).view_as(x)
         else:
             y = self.cross.attend(q, *cross_kv, mask=mem_mask)
         x = x + self.drop(y)
@@ -201,7 +203,8 @@ class GRModel(nn.Module):
     def decode(self, mem: torch.Tensor, mask: torch.Tensor, items: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Hidden state of every prefix s_0..s_{L-1} of each target item: (B, L, d).
 
-        mem (B, S, d) pairs row b with items[b]; mem (1, S, d) is one user scored on all B items.
+        mem (B, S, d) pairs row b with items[b]; mem (U, S, d) with B = U * M pairs user u with
+        items[u*M : (u+1)*M] (U = 1: one user scored on all B items).
         depth P < L stops after the prefixes s_0..s_{P-1}: (B, P, d) (the decoder is causal)."""
         P = depth or self.L
         codes = self.item_codes[items]  # (B, L)
@@ -262,7 +265,7 @@ class GRModel(nn.Module):
         B, M = items.shape
         mem, mask = self.encode(hist, hist_len)
         flat = items.flatten()  # (B*M,)
-        h = self.decode(mem.repeat_interleave(M, 0), mask.repeat_interleave(M, 0), flat)  # (B*M, L, d)
+        h = self.decode(mem, mask, flat)  # (B*M, L, d): each user's keys/values projected once, for its M items
         nodes = self.trie_item_nodes[flat, : self.L]  # (B*M, L): s_0..s_{L-1}
         on_path = self.history_paths(hist)  # (B, n_nodes) with --copy-bonus, else None; M rows per user
         log_pf_all = self.masked_log_pf(self.logits(h), nodes, on_path)  # (B*M, L, V)

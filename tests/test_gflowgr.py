@@ -188,3 +188,19 @@ def test_copy_bonus_trajectories_of_many_users_match_one_item_at_a_time():
     n_items = copy.item_codes.shape[0]
     log_pf = copy.trajectories(hist, hist_len, torch.arange(n_items).repeat(len(hist), 1))[0]  # (B, I, L)
     assert torch.allclose(log_pf.sum(2), all_item_log_probs(copy, hist, hist_len), atol=1e-5)
+
+
+def test_trajectories_project_each_users_memory_once_and_match_one_item_per_row():
+    """trajectories decodes a user's M items against that user's keys/values, projected once
+    (the M*L prefixes are one query axis): log P_F and its gradient equal the one-item-per-row
+    pass over a memory copied M times."""
+    model, trie, hist, hist_len = tiny_world()
+    B, M = hist.shape[0], 9
+    items = torch.randint(0, model.item_codes.shape[0], (B, M), generator=torch.Generator().manual_seed(1))
+    log_pf = model.trajectories(hist, hist_len, items)[0]  # (B, M, L)
+    grad = torch.autograd.grad(log_pf.sum(), model.dec_layers[0].cross.kv.weight)[0]
+    copied, _ = model(hist.repeat_interleave(M, 0), hist_len.repeat_interleave(M), items.flatten())  # (B*M, L)
+    grad_copied = torch.autograd.grad(copied.sum(), model.dec_layers[0].cross.kv.weight)[0]
+    assert torch.allclose(log_pf.view(B * M, -1), copied, atol=1e-5)
+    assert torch.allclose(grad, grad_copied, atol=1e-4)
+    assert grad.abs().sum() > 0
