@@ -31,7 +31,7 @@ import results
 from baselines import BaselineConfig
 from collab import CollabConfig
 from data import DataConfig, DataError
-from finetune import LOG_FLOW_FORMS, LOG_Z_FORMS, METHODS as FINETUNE_TABLE, OBJECTIVE, FinetuneConfig
+from finetune import GFN_CONTEXTS, LOG_FLOW_FORMS, LOG_Z_FORMS, METHODS as FINETUNE_TABLE, OBJECTIVE, FinetuneConfig
 from gflowgr import ModelConfig
 from losses import REWARD_TERMS
 from sampler import CANDIDATES, SAMPLERS, SamplerConfig
@@ -52,7 +52,8 @@ VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"),
                   ("sampler.aug_history", "hist{}"), ("sampler.candidates", "cand-{}"), ("sampler.n_candidates", "N{}"),
                   ("sampler.candidates_history", "cand-hist-{}"), ("ft.reward_beta", "beta{}"), ("ft.reward_floor", "floor{}"),
                   ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"), ("ft.ft_last", "last{}"),
-                  ("cm.crossfit", "crossfit{}"), ("ft.head_lr", "headlr{}"), ("ft.target_weight", "target-weight"))
+                  ("cm.crossfit", "crossfit{}"), ("ft.head_lr", "headlr{}"), ("ft.target_weight", "target-weight"),
+                  ("ft.gfn_context", "ctx-{}"))
 # Named for every fine-tuning method (each reads them): a learning-rate sweep must not land in the
 # default run's folder and replace it
 FINETUNE_VARIANT_FIELDS = (("ft.ft_lr", "ftlr{}"),)
@@ -318,6 +319,11 @@ def finalize(cfg: Config) -> Config:
     if ft.log_z == "vargrad" and (sp.K == 0 or sp.sampler == "none") and t.method == "gflowgr-tb":
         raise DataError("--log-z vargrad estimates log Z from each sample's 1 + K trajectories: it needs --K >= 1 "
                         "and a sampler (with K = 0 the TB residual is 0 by construction)")
+    if ft.gfn_context not in GFN_CONTEXTS:
+        raise DataError(f"--gfn-context must be {' or '.join(GFN_CONTEXTS)} (got {ft.gfn_context!r})")
+    if ft.gfn_context == "next" and set(terms) != {"rc"}:
+        raise DataError(f"--gfn-context next trains the GFlowNet on a context with no observed item, where r_a and "
+                        f"r_sim (which compare with that item) do not exist: use it with --reward rc (got {ft.reward!r})")
     if ft.log_flow not in LOG_FLOW_FORMS:
         raise DataError(f"--log-flow must be {' or '.join(LOG_FLOW_FORMS)} (got {ft.log_flow!r})")
     if cfg.cm.loss not in collab.CM_LOSSES:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 import cache
 import distributed
 from baselines import BASELINES, Baseline
-from batches import length_bucketed_batches, trim
+from batches import append_item, length_bucketed_batches, trim
 from data import DataError
 from evaluation import evaluate, recommend
 from gflowgr import GFlowNetHeads, GRModel
@@ -50,6 +50,7 @@ from sampler import TrajectorySampler
 OBJECTIVE = {"gflowgr-tb": "tb", "gflowgr-db": "db"}  # the GFlowNet objective of each GFlowGR method
 LOG_Z_FORMS = ("user", "scalar", "vargrad")  # gflowgr.GFlowNetHeads; vargrad: losses.vargrad_log_z
 LOG_FLOW_FORMS = ("head", "prefix")
+GFN_CONTEXTS = ("same", "next")  # --gfn-context
 
 
 @dataclass
@@ -62,6 +63,7 @@ class FinetuneConfig:
     lam: float = field(default=1.0, metadata={"help": "lambda of Eq. (7)/(8): weight of the GFlowNet loss", "flag": "--lambda"})
     reward: str = field(default="ra,rc,rsim", metadata={"help": "reward terms, any subset of ra,rc,rsim (Sec. 3.2)"})
     weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
+    gfn_context: str = field(default="same", metadata={"help": "the context of Eq. (8)'s GFlowNet term: same (the paper: the observed item's context, the item as trajectory tau) | next (that context with the observed item appended, only augmented trajectories, r_c alone: for a user's newest training sample it is the whole training sequence, the context that has no label in the training part and that validation asks about; L_GR stays on the observed sample)"})
     target_weight: bool = field(default=False, metadata={"help": "multiply each trajectory's weight by the target's probability of it within its sample's 1 + K (losses.target_share): the fit goes where the target's mass is, the top of the list"})
     log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z) | vargrad (closed form from each sample's 1 + K trajectories)"})
     log_flow: str = field(default="prefix", metadata={"help": "DB's log F(s_l): head (an MLP on the prefix state) | prefix (the MLP plus the policy's own log-probability of reaching s_l, detached: starts near balance)"})
@@ -80,8 +82,10 @@ class FinetuneConfig:
 
 
 def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, cfg, prior: GRModel | None = None,
-                       hist: torch.Tensor | None = None, hist_len: torch.Tensor | None = None):
+                       hist: torch.Tensor | None = None, hist_len: torch.Tensor | None = None, observed: bool = True):
     """Sec. 3.2 reward of items (B, M) (column 0 observed) and the log-reward the GFlowNet targets, each (B, M).
+
+    observed=False (--gfn-context next): every column is augmented (r_a = 0); only r_c applies.
 
     log R^beta is floored (losses.log_reward), at --history-floor for items in the user's
     history when that is set (needs hist), else at --reward-floor. r_sim compares the semantic tokens t_1..t_levels
@@ -95,7 +99,7 @@ def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, c
     codes = model.item_codes[items]  # (B, M, L)
     if not cfg.ft.rsim_dedup:
         codes = codes[..., : cfg.tok.levels]
-    rew = reward(codes, r_c, tuple(cfg.ft.reward.split(",")))
+    rew = reward(codes, r_c, tuple(cfg.ft.reward.split(",")), r_a=None if observed else torch.zeros_like(r_c))
     floor = cfg.ft.reward_floor
     if cfg.ft.history_floor > 0:  # --history-floor: the user's own items get their own, lower floor
         seen = (items[:, :, None] == hist[:, None, :]).any(-1)  # (B, M); hist's padding is -1, never an item
@@ -137,10 +141,13 @@ def balance_terms(heads: GFlowNetHeads, objective: str, ft: FinetuneConfig, log_
 
 
 def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: float, cfg, objective: str,
-                 prior: GRModel | None = None):
+                 prior: GRModel | None = None, context: tuple | None = None):
     """One GFlowGR batch: sample tau', score rewards, compute Eq. (8). Returns loss, parts, stats, terms.
 
     hist (B, S), hist_len (B,), target (B,); progress in [0, 1]: the sampler's curriculum position.
+    context (--gfn-context next): (hist, hist_len) of the GFlowNet term, with no observed item
+    there: tau' are drawn, scored and balanced on it, L_GR stays on (hist, target). None: the paper's
+    step, the GFlowNet term on the observed item's own context with tau as column 0.
     parts: the loss terms (detached, logged); stats: log Z, log R, the mean absolute TB residual
     of the observed and of the augmented trajectories, the curriculum's CM score; terms: L_GR
     and lambda * L_GFN with their graphs (finetune measures their gradient norms from them).
@@ -148,33 +155,42 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     this batch (--cm-crossfit: the CMs that never saw these users, collab.CrossFitCM.held_out).
     """
     ft = cfg.ft
+    observed = context is None  # the paper's step: tau is column 0 of the GFlowNet's trajectories
+    g_hist, g_len = (hist, hist_len) if observed else context  # where the GFlowNet term is computed
     # the CM's logits of these users over all items, once per batch, where the CM's top-N
     # candidates or the r_c mapping (softmax, rank) read them (three calls were ~22% of a Beauty step)
-    full = cm.full_scores(hist, hist_len) if cm.cfg.score != "sigmoid" or sampler.cfg.candidates == "cm" else None  # (B, n_items)
+    full = cm.full_scores(g_hist, g_len) if cm.cfg.score != "sigmoid" or sampler.cfg.candidates == "cm" else None  # (B, n_items)
     # Sec. 3.1: K augmented items from the adaptive sampler (+ H history items), with their CM scores
-    aug, r_c_aug = sampler.sample(hist, hist_len, target, progress, model, full, cm)  # (B, K + H), (B, K + H)
-    r_c_obs = cm.score(hist, hist_len, target[:, None], full)  # (B, 1): y_CM(v, U)
-    items = torch.cat([target[:, None], aug], 1)  # (B, M): column 0 is the observed trajectory tau
-    r_c = torch.cat([r_c_obs, r_c_aug], 1)  # (B, M)
-    log_pf, h, mem, mask = model.trajectories(hist, hist_len, items)  # (B, M, L), (B, M, L, d)
+    aug, r_c_aug = sampler.sample(g_hist, g_len, target, progress, model, full, cm)  # (B, K + H), (B, K + H)
+    if observed:
+        r_c_obs = cm.score(hist, hist_len, target[:, None], full)  # (B, 1): y_CM(v, U)
+        items = torch.cat([target[:, None], aug], 1)  # (B, M): column 0 is the observed trajectory tau
+        r_c = torch.cat([r_c_obs, r_c_aug], 1)  # (B, M)
+    else:
+        items, r_c = aug, r_c_aug  # (B, M): augmented trajectories only
+    log_pf, h, mem, mask = model.trajectories(g_hist, g_len, items)  # (B, M, L), (B, M, L, d)
     # Sec. 3.2: R = r_a + r_c + r_sim, and the log-reward the GFlowNet targets
-    rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, hist, hist_len)  # (B, M)
+    rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, g_hist, g_len, observed)  # (B, M)
     w = training_weights(rew["r_a"], r_c, log_r, ft)  # (B, M): Eq. (8)'s weight (and --target-weight's)
     log_z, log_flow = balance_terms(heads, objective, ft, log_pf, h, mem, mask, log_r, w)
+    # Eq. (1)'s observed trajectory, on its own context when the GFlowNet's is another
+    log_pf_gr = None if observed else model(hist, hist_len, target)[0]  # (B, L)
     # Eq. (8) (Eq. 7 with --no-weight)
     loss, parts = gflowgr_loss(log_pf, log_r, objective=objective, r_a=rew["r_a"], r_c=r_c, log_z=log_z,
-                               log_flow=log_flow, lam=ft.lam, w=w)
+                               log_flow=log_flow, lam=ft.lam, w=w, log_pf_gr=log_pf_gr)
     terms = {"gr": parts.pop("_l_gr"), "gfn": parts.pop("_l_gfn")}  # with their graphs, for the gradient norms
     parts["gfn/balance_offset"] = (log_r - log_pf.sum(-1)).mean().detach()  # the log Z that balances the batch on average
     # Eq. (6)'s residual log Z + sum_l log P_F - log R per trajectory (DB: telescoped, log Z = log F(s_0))
     with torch.no_grad():
         start = log_z[:, None] if log_z is not None else log_flow[..., 0]  # (B, 1) or (B, M)
         residual = (start + log_pf.sum(-1) - log_r).abs()  # (B, M)
+    first_aug = 1 if observed else 0  # the first augmented column
+    nan = float("nan")
     stats = {"gfn/log_z": (log_z if log_z is not None else log_flow[:, 0, 0]).mean().item(),
-             "gfn/log_r_obs": log_r[:, 0].mean().item(),
-             "gfn/log_r_aug": log_r[:, 1:].mean().item() if log_r.shape[1] > 1 else float("nan"),
-             "gfn/residual_obs": residual[:, 0].mean().item(),
-             "gfn/residual_aug": residual[:, 1:].mean().item() if log_r.shape[1] > 1 else float("nan"),
+             "gfn/log_r_obs": log_r[:, 0].mean().item() if observed else nan,
+             "gfn/log_r_aug": log_r[:, first_aug:].mean().item() if log_r.shape[1] > first_aug else nan,
+             "gfn/residual_obs": residual[:, 0].mean().item() if observed else nan,
+             "gfn/residual_aug": residual[:, first_aug:].mean().item() if log_r.shape[1] > first_aug else nan,
              "sampler/cm_score": r_c_aug.mean().item() if r_c_aug.numel() else float("nan")}
     return loss, parts, stats, terms
 
@@ -303,13 +319,21 @@ class GFlowGR(Method):
         n = len(train_t["target"])
         b = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed))[: t.batch_size].to(train_t["target"].device)
         hl = train_t["hist_len"][b]
-        _, parts, _, _ = gflowgr_step(self.model, self.heads, self.cm.held_out(self.user[b]), self.sampler, trim(train_t["hist"][b], hl), hl,
-                                      train_t["target"][b], 0.0, self.cfg, self.objective, self.prior)
+        hist, target = trim(train_t["hist"][b], hl), train_t["target"][b]
+        _, parts, _, _ = gflowgr_step(self.model, self.heads, self.cm.held_out(self.user[b]), self.sampler, hist, hl, target,
+                                      0.0, self.cfg, self.objective, self.prior, self.context(hist, hl, target))
         self.heads.init_offset(float(parts["gfn/balance_offset"]))
+
+    def context(self, hist, hist_len, target):
+        """The GFlowNet term's context: None (the sample's own, the paper's), or under --gfn-context next
+        the sample's history with its observed item appended (batches.append_item)."""
+        if self.cfg.ft.gfn_context == "same":
+            return None
+        return append_item(hist, hist_len, target, self.cfg.data.max_his_len)
 
     def loss(self, idx, hist, hist_len, target, progress, inner):
         loss, parts, stats, terms = gflowgr_step(self.model, self.heads, self.cm.held_out(self.user[idx]), self.sampler, hist, hist_len, target,
-                                                 progress, self.cfg, self.objective, self.prior)
+                                                 progress, self.cfg, self.objective, self.prior, self.context(hist, hist_len, target))
         return Loss(loss, parts, stats, terms)
 
 

@@ -137,7 +137,8 @@ def target_share(log_r: torch.Tensor) -> torch.Tensor:
 
 def gflowgr_loss(log_pf: torch.Tensor, log_r: torch.Tensor, *, objective: str, r_a: torch.Tensor, r_c: torch.Tensor,
                  log_z: torch.Tensor | None = None, log_flow: torch.Tensor | None = None, lam: float = 1.0,
-                 weighted: bool = True, w: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 weighted: bool = True, w: torch.Tensor | None = None,
+                 log_pf_gr: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. (7)/(8): L_GR on the observed trajectory + lambda * sum_kappa w(kappa) L_GFN(kappa).
 
     log_pf (B, M, L) with column 0 the observed item; log_r, r_a, r_c (B, M); log_z (B,) for
@@ -146,6 +147,8 @@ def gflowgr_loss(log_pf: torch.Tensor, log_r: torch.Tensor, *, objective: str, r
     are the two terms with their graphs (for measuring their gradients), the rest detached.
     w (B, M): the trajectories' weights when the caller has them (finetune.training_weights, e.g.
     times `target_share` under --target-weight); None: Eq. (8)'s, or 1 if not weighted.
+    log_pf_gr (B, L): the observed trajectory's log P_F when the GFlowNet's trajectories were drawn
+    on another context (--gfn-context next); every column of log_pf is then an augmented one.
     """
     if w is None:
         # Eq. (7) uses w = 1; Eq. (8) the inverse squared disagreement of r_a and r_c
@@ -158,7 +161,7 @@ def gflowgr_loss(log_pf: torch.Tensor, log_r: torch.Tensor, *, objective: str, r
         l_gfn = db_loss(log_flow, log_pf, log_r)  # (B, M)
     else:
         raise ValueError(f"objective must be 'tb' or 'db', got {objective!r}")
-    l_gr = gr_loss(log_pf[:, 0])
+    l_gr = gr_loss(log_pf[:, 0] if log_pf_gr is None else log_pf_gr)
     # Eq. (8): L = L_GR + lambda * sum_{kappa in {tau, tau'}} w(kappa) L_GFN(kappa)
     l_gfn_total = (w * l_gfn).sum(1).mean()
     loss = l_gr + lam * l_gfn_total

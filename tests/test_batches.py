@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from batches import length_bucketed_batches, to_tensors, trim
+from batches import append_item, length_bucketed_batches, to_tensors, trim
 from data import Split
 
 
@@ -37,3 +37,14 @@ def test_to_tensors_keeps_every_field():
     split = Split(hist=np.array([[1, -1], [1, 2]]), hist_len=np.array([1, 2]), target=np.array([2, 3]), user=np.array([0, 0]))
     t = to_tensors(split, "cpu")
     assert t["hist"].tolist() == [[1, -1], [1, 2]] and t["target"].tolist() == [2, 3] and t["hist_len"].dtype == torch.int64
+
+
+def test_append_item_gives_the_context_one_item_later():
+    """A short history gains the item at its end; a full one (max_len items) drops its oldest first;
+    the result is cut to its longest row."""
+    hist = torch.tensor([[7, 8, -1, -1], [1, 2, 3, 4], [5, -1, -1, -1]])
+    new, n = append_item(hist, torch.tensor([2, 4, 1]), torch.tensor([9, 6, 0]), max_len=4)
+    assert new.tolist() == [[7, 8, 9, -1], [2, 3, 4, 6], [5, 0, -1, -1]]
+    assert n.tolist() == [3, 4, 2]
+    new, n = append_item(torch.tensor([[7, -1], [1, -1]]), torch.tensor([1, 1]), torch.tensor([2, 3]), max_len=4)
+    assert new.tolist() == [[7, 2], [1, 3]] and n.tolist() == [2, 2]

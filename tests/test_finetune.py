@@ -9,7 +9,7 @@ import torch
 
 import data as data_mod
 import finetune
-from config import parse_config
+from config import parse_config, run_dir
 from finetune import trajectory_rewards
 from pipeline import run
 
@@ -250,3 +250,52 @@ def test_crossfit_scores_every_batch_with_the_cms_that_never_saw_its_users(toy_r
     assert len(asked) == 1 + metrics["finetune"]["step"]
     seen = torch.cat(asked[1:])
     assert sorted(seen.tolist()) == sorted(set(seen.tolist())) and len(seen) == n_users  # each user's one context, once
+
+
+def test_gfn_context_next_balances_augmented_items_on_the_context_after_the_observed_item(toy_run, monkeypatch):
+    """--gfn-context next: the sampler and the GFlowNet's trajectories see each sample's history with
+    its observed item appended (the newest item of the context is the target), no trajectory is the
+    observed one, and L_GR is Eq. (1) on the sample itself: with lambda 0 the step's loss is
+    SFT-continued's."""
+    import sampler as sampler_mod
+    from batches import append_item, trim
+    from losses import gr_loss
+
+    asked = []
+    real = sampler_mod.TrajectorySampler.sample
+
+    def spy(self, hist, hist_len, target, *args, **kw):
+        asked.append((hist.clone(), hist_len.clone(), target.clone()))
+        return real(self, hist, hist_len, target, *args, **kw)
+
+    monkeypatch.setattr(sampler_mod.TrajectorySampler, "sample", spy)
+    cfg = finetune_config(toy_run, "gflowgr-tb", gfn_context="next", reward="rc", log_z="vargrad", sft_prior=True)
+    cfg.ft.ft_last = 1
+    metrics = run(cfg, log=lambda *a: None)
+    n_steps = metrics["finetune"]["step"]
+    assert n_steps >= 1 and len(asked) > 1 + n_steps and 0 <= metrics["test"]["hr@10"] <= 1
+    for hist, hist_len, target in asked[: 1 + n_steps]:  # the offset's batch, then every step (the inspection follows)
+        assert torch.equal(hist[torch.arange(len(hist)), hist_len - 1], target)  # the observed item is the newest one
+    d = run_dir(cfg)
+    assert d.name == f"toy__gflowgr-tb+reward-rc+last1+ctx-next__seed{cfg.train.seed}"
+    curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in curves if "loss/gfn" in r)
+    assert first["loss/gfn"] > 0 and first["gfn/residual_aug"] > 0 and math.isnan(first["gfn/residual_obs"])
+
+    # one step by hand, lambda 0: L_GR on the sample, the GFlowNet term on the context after it
+    ds = data_mod.load_dataset(cfg.data, verbose=False)
+    train = data_mod.split_leave_one_out(ds)["train"]
+    hl = torch.as_tensor(train.hist_len[:16])
+    hist, target = trim(torch.as_tensor(train.hist[:16]), hl), torch.as_tensor(train.target[:16])
+    model = torch.load(d / "checkpoint.pt", weights_only=False)
+    from gflowgr import GFlowNetHeads, GRModel
+    import collab
+    gr = GRModel.from_state(model["model_args"], model["model"]).eval()
+    cm = next(collab.SASRec.from_state(c["model_args"], c["model"]).eval()
+              for c in (torch.load(p, weights_only=False) for p in Path(cfg.train.out, "toy").glob("cm-*/checkpoint.pt")))
+    cfg.ft.lam = 0.0
+    smp = sampler_mod.TrajectorySampler(cm, gr.item_codes.shape[0], cfg.sampler)
+    loss, parts, stats, _ = finetune.gflowgr_step(gr, GFlowNetHeads(cfg.model.d_model, "vargrad"), cm, smp, hist, hl, target,
+                                                  0.0, cfg, "tb", None, append_item(hist, hl, target, cfg.data.max_his_len))
+    assert loss.item() == pytest.approx(gr_loss(gr(hist, hl, target)[0]).item(), rel=1e-6)
+    assert parts["loss/gfn"] > 0
