@@ -10,6 +10,10 @@ Read it top to bottom:
        L = L_GR(tau) + lambda * sum_{tau in {tau} u tau'} w(tau) * L_GFN(tau),
        w(tau) = 1 / (r_a - r_c)^2,   L_GFN = L_TB (Eq. 6) or L_DB (Eq. 5).
 
+   Under `--gfn-context next` (ours, off) the GFlowNet term moves one item later, to the
+   history with v appended (for a user's newest sample: the whole training sequence, which
+   has no label): only tau' there, L_GR stays on (U, v).
+
 2. `Method`: what the loop asks of a fine-tuning method (its loss for a batch, its extra
    parameters, a hook at each epoch, its state for resuming). `GFlowGR` wraps gflowgr_step;
    `SFTContinued` is Eq. (1) alone, the control that tells a GFlowGR gain from extra
