@@ -161,6 +161,7 @@ def gflowgr_loss(log_pf: torch.Tensor, log_r: torch.Tensor, *, objective: str, r
         l_gfn = db_loss(log_flow, log_pf, log_r)  # (B, M)
     else:
         raise ValueError(f"objective must be 'tb' or 'db', got {objective!r}")
+    # Eq. (1): L_GR = -sum_l log P_F along the observed trajectory tau
     l_gr = gr_loss(log_pf[:, 0] if log_pf_gr is None else log_pf_gr)
     # Eq. (8): L = L_GR + lambda * sum_{kappa in {tau, tau'}} w(kappa) L_GFN(kappa)
     l_gfn_total = (w * l_gfn).sum(1).mean()
