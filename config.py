@@ -167,6 +167,61 @@ PRESETS = {
              "sampler.sampler": "random", "sampler.K": 10,
              "ft.log_z": "vargrad", "ft.ft_last": 1, "ft.ft_epochs": 3, "ft.lam": 0.03},
 }
+# Per-method overrides of a data set's preset: settings that several methods read (--ft-lr, the
+# sampler's pool) but one method is best at otherwise, and that method's own settings where they
+# hold for it alone. Order: defaults <- PRESETS <- METHOD_PRESETS <- flags; `with_method` moves a
+# config from one method to another (--method all, the studies).
+METHOD_PRESETS = {
+    # Beauty's GFlowGR-TB: the GFlowNet term on the context the next recommendation is made from
+    # (the user's whole training sequence; --gfn-context next), over the GR's whole top-50 with
+    # --target-weight, lambda 1, ft-lr 1e-3. Valid NDCG@10 0.0524 +- 0.0017 over seeds 42/43/44
+    # against 0.0485 +- 0.0020 for the same-context setting above (which GFlowGR-DB keeps) and 0.0482
+    # for SFT-continued; on seed 42 the defaults' top-10 pool at this context gave 0.0459-0.0470,
+    # K 20 of the 50 0.0476, no target weight 0.0452, ft-lr 3e-4 0.0491 (BENCHMARKS.md, 2026-12-07,
+    # eleventh). Its own --ft-lr and pool: SFT-continued is worse at 1e-3 (0.0454 against 0.0474),
+    # and DPO / S-DPO keep the top-10 pool they were measured with. ~5x the fine-tuning time of the
+    # same-context setting (K 50 trajectories per context instead of 10).
+    "beauty": {"gflowgr-tb": {"ft.gfn_context": "next", "sampler.n_candidates": 50, "sampler.K": 50,
+                              "ft.target_weight": True, "ft.lam": 1.0, "ft.ft_lr": 1e-3}},
+}
+
+
+def method_preset(dataset: str, method: str) -> dict:
+    """The METHOD_PRESETS entry of (dataset, method); {} where the data set's preset holds."""
+    return METHOD_PRESETS.get(dataset, {}).get(method, {})
+
+
+def method_defaults(dataset: str, method: str) -> dict:
+    """For every setting some method preset of dataset sets: the value method gets when no flag is given.
+
+    >>> method_defaults("beauty", "sft-continued")["ft.ft_lr"], method_defaults("beauty", "gflowgr-tb")["ft.ft_lr"]
+    (0.0003, 0.001)
+    """
+    base = Config()
+    for dotted, value in PRESETS.get(dataset, {}).items():
+        set_field(base, dotted, value)
+    keys = {k for preset in METHOD_PRESETS.get(dataset, {}).values() for k in preset}
+    return {k: method_preset(dataset, method).get(k, get_field(base, k)) for k in keys}
+
+
+def with_method(cfg: Config, method: str) -> Config:
+    """A copy of cfg for another method: each setting a method preset sets moves from the old
+    method's default to the new one's, unless it was changed (a flag). A flag that gives exactly
+    the old method's default cannot be told apart from no flag, and moves too.
+
+    >>> c = with_method(parse_config(["--dataset", "beauty"]), "sft-continued")
+    >>> c.train.method, c.ft.ft_lr, c.sampler.K
+    ('sft-continued', 0.0003, 10)
+    """
+    out = copy.deepcopy(cfg)
+    old, new = method_defaults(cfg.data.dataset, cfg.train.method), method_defaults(cfg.data.dataset, method)
+    for dotted, value in new.items():
+        if get_field(out, dotted) == old[dotted]:
+            set_field(out, dotted, value)
+    out.train.method = method
+    return out
+
+
 # TrainConfig fields that do not change the SFT model, so are left out of its cache key
 NOT_SFT_SETTINGS = ("method", "backbone", "seeds", "device", "out", "eval_batch", "threads", "study", "diversity_users",
                     "tag", "regime_epochs", "filter_seen")
@@ -220,14 +275,20 @@ def set_field(cfg: Config, dotted: str, value) -> None:
     setattr(getattr(cfg, group), name, value)
 
 
+def get_field(cfg: Config, dotted: str):
+    group, name = dotted.split(".")
+    return getattr(getattr(cfg, group), name)
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Defaults <- dataset preset <- explicit flags, then derived fields."""
+    """Defaults <- dataset preset <- the method's preset on that data set <- explicit flags, then derived fields."""
     given = vars(build_parser().parse_args(argv))
     cfg = Config()
     dataset = given.get("data.dataset", cfg.data.dataset)
     if dataset not in PRESETS:
         raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(PRESETS)}")
-    for dotted, value in {**PRESETS[dataset], **given}.items():
+    method = given.get("train.method", PRESETS[dataset].get("train.method", cfg.train.method))
+    for dotted, value in {**PRESETS[dataset], **method_preset(dataset, method), **given}.items():
         set_field(cfg, dotted, value)
     return finalize(cfg)
 
@@ -323,7 +384,8 @@ def finalize(cfg: Config) -> Config:
         raise DataError(f"--gfn-context must be {' or '.join(GFN_CONTEXTS)} (got {ft.gfn_context!r})")
     if ft.gfn_context == "next" and set(terms) != {"rc"}:
         raise DataError(f"--gfn-context next trains the GFlowNet on a context with no observed item, where r_a and "
-                        f"r_sim (which compare with that item) do not exist: use it with --reward rc (got {ft.reward!r})")
+                        f"r_sim (which compare with that item) do not exist: use it with --reward rc, or --gfn-context same for "
+                        f"the paper's step on the observed item's context (got --reward {ft.reward!r})")
     if ft.log_flow not in LOG_FLOW_FORMS:
         raise DataError(f"--log-flow must be {' or '.join(LOG_FLOW_FORMS)} (got {ft.log_flow!r})")
     if cfg.cm.loss not in collab.CM_LOSSES:
@@ -336,9 +398,10 @@ def finalize(cfg: Config) -> Config:
 
 
 def apply_preset(cfg: Config) -> Config:
-    """For in-process callers: start from the dataset preset, keeping fields already changed from the defaults."""
+    """For in-process callers: start from the dataset's (and the method's) preset, keeping fields already changed from the defaults."""
     base, out = Config(), copy.deepcopy(cfg)
-    for dotted, value in PRESETS.get(cfg.data.dataset, {}).items():
+    preset = {**PRESETS.get(cfg.data.dataset, {}), **method_preset(cfg.data.dataset, cfg.train.method)}
+    for dotted, value in preset.items():
         group, name = dotted.split(".")
         if getattr(getattr(cfg, group), name) == getattr(getattr(base, group), name):
             set_field(out, dotted, value)
@@ -348,26 +411,28 @@ def apply_preset(cfg: Config) -> Config:
 def variant(cfg: Config) -> str:
     """'' for the full model, else the study settings that differ from the defaults, '+'-joined.
 
-    The defaults are the dataset's preset: `train.py --dataset beauty` names its GFlowGR run
-    beauty__gflowgr-tb__seed42 (Beauty's reward is r_c), the name Table 1 reads.
+    The defaults are the dataset's preset and the method's (METHOD_PRESETS): `train.py --dataset
+    beauty` names its GFlowGR run beauty__gflowgr-tb__seed42 (Beauty's reward is r_c, its context
+    the next one), the name Table 1 reads. A setting without a value in its name (target-weight)
+    that a preset turned on is named "<name>-off" where it is off.
 
-    >>> variant(parse_config(["--dataset", "beauty", "--K", "3", "--lambda", "10", "--ft-lr", "1e-3"]))
-    'K3+lambda10+ftlr0.001'
+    >>> variant(parse_config(["--dataset", "beauty", "--K", "3", "--lambda", "10", "--ft-lr", "3e-3"]))
+    'K3+lambda10+ftlr0.003'
     """
     tag = [cfg.train.tag] if cfg.train.tag else []
     if cfg.train.filter_seen:
         tag = [RANKING_VARIANT, *tag]
     fields = (*VARIANT_FIELDS, *FINETUNE_VARIANT_FIELDS) if cfg.train.method in OBJECTIVE else \
         FINETUNE_VARIANT_FIELDS if cfg.train.method in FINETUNE_TABLE else ()
-    base, parts = Config(), []
-    for dotted, value in PRESETS.get(cfg.data.dataset, {}).items():
+    base, default, parts = Config(), Config(), []
+    for dotted, value in {**PRESETS.get(cfg.data.dataset, {}), **method_preset(cfg.data.dataset, cfg.train.method)}.items():
         set_field(base, dotted, value)
     for dotted, fmt in fields:
-        group, name = dotted.split(".")
-        value = getattr(getattr(cfg, group), name)
-        if value != getattr(getattr(base, group), name):
+        value = get_field(cfg, dotted)
+        if value != get_field(base, dotted):
             shown = "on" if value is True else "off" if value is False else f"{value:g}" if isinstance(value, float) else str(value)
-            parts.append(fmt.format(shown.replace(",", "-")))
+            named = fmt if "{}" in fmt or value != get_field(default, dotted) else fmt + "-off"  # back at the dataclass default
+            parts.append(named.format(shown.replace(",", "-")))
     return "+".join(parts + tag)
 
 

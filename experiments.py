@@ -42,7 +42,7 @@ import data as data_mod
 import metrics as M
 import results
 from batches import to_tensors, trim
-from config import STUDIES, Config, finalize, run_dir, set_field
+from config import STUDIES, Config, finalize, run_dir, set_field, with_method
 from data import DataError
 from evaluation import recommend
 from finetune import OBJECTIVE
@@ -87,8 +87,8 @@ METRICS = results.METRICS
 
 def study_config(cfg: Config, method: str, seed: int, overrides: dict) -> Config:
     """The run config of one study cell: cfg with method, seed and the overrides, study fields cleared."""
-    c = copy.deepcopy(cfg)
-    c.train.method, c.train.seed, c.train.seeds, c.train.study = method, seed, [], ""
+    c = with_method(cfg, method)  # the method's own preset (config.METHOD_PRESETS), flags kept
+    c.train.seed, c.train.seeds, c.train.study = seed, [], ""
     for dotted, value in overrides.items():
         set_field(c, dotted, value)
     return finalize(c)
@@ -173,14 +173,19 @@ def sweep_cells(study: str, cfg: Config | None = None) -> list[tuple[str, dict]]
     Where the preset already draws the K candidates at random, "w/o Ada" would be the full model
     again: the column becomes "with Ada", the curriculum switched on. Where every candidate is drawn
     (K = N, Beauty's and Yelp's presets: the GR's whole top-10) there is nothing for the sampler to
-    choose, and the column is left out.
+    choose, and the column is left out. Under --gfn-context next (Beauty's GFlowGR-TB preset) the
+    GFlowNet's context has no observed item, so r_a and r_sim do not exist there: the columns that
+    use them are left out (run the paper's reward columns with --gfn-context same).
     """
     if study == "ablation":
+        cells = ABLATION
+        if cfg is not None and cfg.ft.gfn_context == "next":
+            cells = [(label, o) for label, o in cells if set(o.get("ft.reward", "rc").split(",")) == {"rc"}]
         if cfg is not None and cfg.sampler.K >= cfg.sampler.n_candidates:
-            return [(label, o) for label, o in ABLATION if label != "w/o Ada"]
+            return [(label, o) for label, o in cells if label != "w/o Ada"]
         if cfg is not None and cfg.sampler.sampler == "random":
-            return [("with Ada", {"sampler.sampler": "adaptive"}) if label == "w/o Ada" else (label, o) for label, o in ABLATION]
-        return ABLATION
+            return [("with Ada", {"sampler.sampler": "adaptive"}) if label == "w/o Ada" else (label, o) for label, o in cells]
+        return cells
     if study == "k":
         return [(f"K={k}", {"sampler.K": k}) for k in K_VALUES]
     return [(f"λ={lam:g}", {"ft.lam": lam}) for lam in LAMBDAS]

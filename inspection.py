@@ -48,14 +48,20 @@ def inspect_users(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads | Non
     # Sec. 3.2: R = r_a + r_c + r_sim and the target the run trained towards (log R^beta, times
     # P_SFT(v | U) for --sft-prior), as in finetune.gflowgr_step
     prior = sft_model if cfg.ft.sft_prior else None
-    rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, hist, hist_len)  # (B, M)
+    # --gfn-context next: the run balanced augmented trajectories alone, on a context with no
+    # observed item (r_a = 0 on all of them); the observed item is shown as one more trajectory,
+    # and the weights and log Z of the augmented ones are those the run computed
+    first = int(cfg.ft.gfn_context == "next")  # the first column the GFlowNet term saw
+    rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, hist, hist_len, observed=not first)  # (B, M)
     # Eq. (8): w = 1 / (r_a - r_c)^2, clamped (1 under --no-weight; times the target's share under --target-weight)
     w = training_weights(rew["r_a"], r_c, log_r, cfg.ft)
+    w[:, first:] = training_weights(rew["r_a"][:, first:], r_c[:, first:], log_r[:, first:], cfg.ft)
     if heads is not None:
         heads.eval()
         # log F (B, M, L) and log Z (B,) in the run's forms (--log-flow, --log-z), as in training
         log_flow = balance_terms(heads, "db", cfg.ft, log_pf, h, mem, mask, log_r, w)[1]
-        log_z = balance_terms(heads, "tb", cfg.ft, log_pf, h, mem, mask, log_r, w)[0]
+        log_z = balance_terms(heads, "tb", cfg.ft, log_pf[:, first:], h[:, first:], mem, mask, log_r[:, first:],
+                              w[:, first:])[0]
     users = []
     for j in range(len(target)):
         trajs = [{"item": int(items[j, m]), "codes": model.item_codes[items[j, m]].tolist(), "observed": m == 0,

@@ -33,7 +33,7 @@ import distributed
 import results
 from batches import to_tensors
 from config import (RANKING_VARIANT, TABLE_BASELINES, TABLE_GFLOWGR, TABLE_METHODS, Config, finalize, finished, replaced_run,
-                    run_dir, run_identity)
+                    run_dir, run_identity, with_method)
 from evaluation import evaluate, format_table, mostpop_metrics
 from finetune import finetune
 from gflowgr import GFlowNetHeads
@@ -197,8 +197,8 @@ def run_table(cfg: Config, log=print) -> dict:
     methods = TABLE_METHODS if t.method == "all" else (t.method,)
     for seed in t.seeds:
         for method in methods:
-            c = copy.deepcopy(cfg)
-            c.train.method, c.train.seed, c.train.seeds = method, seed, []
+            c = with_method(cfg, method)  # the method's own preset (config.METHOD_PRESETS), flags kept
+            c.train.seed, c.train.seeds = seed, []
             log(f"\n=== {method}, seed {seed} ===")
             run_or_reuse(c, log)
     names = [*methods, "cm", "mostpop"] if t.method == "all" else list(methods)

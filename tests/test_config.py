@@ -7,3 +7,24 @@ def test_parse_config_preset_then_flags():
     assert cfg.train.epochs == 3 and cfg.model.d_model == 32
     assert cfg.tok.codebook_size == 16  # from the toy preset
     assert parse_config(["--dataset", "beauty"]).tok.codebook_size == 256
+
+
+def test_method_presets_apply_to_their_method_alone():
+    """Beauty's GFlowGR-TB has its own context, pool and learning rate (config.METHOD_PRESETS); the
+    other methods keep the data set's preset, and a flag wins over both, also across --method all."""
+    from config import with_method
+
+    tb = parse_config(["--dataset", "beauty"])
+    assert (tb.train.method, tb.ft.gfn_context, tb.sampler.n_candidates, tb.sampler.K) == ("gflowgr-tb", "next", 50, 50)
+    assert (tb.ft.target_weight, tb.ft.lam, tb.ft.ft_lr) == (True, 1.0, 1e-3)
+    for method in ("sft-continued", "sdpo", "gflowgr-db"):
+        c = parse_config(["--dataset", "beauty", "--method", method])
+        assert (c.ft.gfn_context, c.sampler.K, c.ft.target_weight, c.ft.lam, c.ft.ft_lr) == ("same", 10, False, 0.03, 3e-4)
+        assert with_method(tb, method) == c  # switching the method is parsing with that method
+        assert with_method(c, "gflowgr-tb") == tb
+    assert parse_config(["--dataset", "toy"]).ft.gfn_context == "same"  # toy and Yelp: no method preset
+    # a flag stays through the switch, for every method (here: --method all's runs)
+    every = parse_config(["--dataset", "beauty", "--method", "all", "--ft-lr", "2e-3", "--K", "5"])
+    assert (with_method(every, "gflowgr-tb").ft.ft_lr, with_method(every, "gflowgr-tb").sampler.K) == (2e-3, 5)
+    assert with_method(every, "gflowgr-tb").sampler.n_candidates == 50  # not given: GFlowGR-TB's own
+    assert (with_method(every, "dpo").ft.ft_lr, with_method(every, "dpo").sampler.n_candidates) == (2e-3, 10)

@@ -89,13 +89,21 @@ def test_variants_change_what_they_say(studies):
 
 
 def test_variants_are_named_against_the_dataset_preset():
-    """Beauty's preset rewards with r_c alone: its default GFlowGR run must carry the plain name
-    that Table 1 (results.collect) reads, and the paper's reward on Beauty is the variant."""
+    """Beauty's preset rewards with r_c alone and GFlowGR-TB's its next context: its default GFlowGR
+    run must carry the plain name that Table 1 (results.collect) reads, and the paper's reward and
+    step on Beauty are the variant; the same-context setting GFlowGR-DB keeps is named against the
+    GFlowGR-TB preset."""
     from config import parse_config
 
     assert variant(parse_config(["--dataset", "beauty"])) == ""
     assert run_dir(parse_config(["--dataset", "beauty", "--seed", "43"])).name == "beauty__gflowgr-tb__seed43"
-    assert variant(parse_config(["--dataset", "beauty", "--reward", "ra,rc,rsim"])) == "reward-ra-rc-rsim"
+    assert variant(parse_config(["--dataset", "beauty", "--reward", "ra,rc,rsim", "--gfn-context", "same"])) == \
+        "reward-ra-rc-rsim+ctx-same"
+    assert variant(parse_config(["--dataset", "beauty", "--method", "gflowgr-db"])) == ""
+    old_default = ["--gfn-context", "same", "--K", "10", "--n-candidates", "10", "--no-target-weight", "--lambda", "0.03",
+                   "--ft-lr", "3e-4"]
+    assert variant(parse_config(["--dataset", "beauty", *old_default])) == \
+        "K10+lambda0.03+N10+target-weight-off+ctx-same+ftlr0.0003"
     assert variant(parse_config(["--dataset", "toy", "--reward", "rc"])) == "reward-rc"
     assert variant(parse_config(["--dataset", "beauty", "--method", "sft", "--filter-seen"])) == "history-out"
 
@@ -133,7 +141,8 @@ def test_learning_rate_sweeps_get_their_own_folder():
     the default GFlowGR-TB run of seed 42 in place."""
     from config import parse_config
 
-    assert variant(parse_config(["--dataset", "beauty", "--ft-lr", "1e-3"])) == "ftlr0.001"
+    assert variant(parse_config(["--dataset", "beauty", "--ft-lr", "3e-3"])) == "ftlr0.003"
+    assert variant(parse_config(["--dataset", "beauty", "--ft-lr", "1e-3"])) == ""  # GFlowGR-TB's own preset value
     assert variant(parse_config(["--dataset", "beauty", "--ft-lr", "1e-3", "--method", "ipa"])) == "ftlr0.001"
     assert variant(parse_config(["--dataset", "beauty", "--ft-lr", "1e-3", "--method", "sft"])) == ""
     assert variant(parse_config(["--dataset", "beauty", "--head-lr", "0.1"])) == "headlr0.1"
@@ -174,7 +183,9 @@ def test_boolean_variants_say_on_or_off():
 
     assert variant(parse_config(["--dataset", "beauty", "--no-candidates-history"])) == "cand-hist-off"
     assert variant(parse_config(["--dataset", "toy", "--candidates-history"])) == "cand-hist-on"
-    assert variant(parse_config(["--dataset", "beauty", "--reward-beta", "2", "--candidates", "cm", "--n-candidates", "50"])) == "cand-cm+N50+beta2"
+    assert variant(parse_config(["--dataset", "beauty", "--reward-beta", "2", "--candidates", "cm"])) == "cand-cm+beta2"
+    assert variant(parse_config(["--dataset", "beauty", "--method", "gflowgr-db", "--reward-beta", "2", "--candidates", "cm",
+                                 "--n-candidates", "50"])) == "cand-cm+N50+beta2"
 
 
 def test_diversity_numbers(studies):
@@ -328,19 +339,22 @@ def test_a_letter_study_does_not_overwrite_the_tiger_one(tmp_path):
 def test_sweep_cells_follow_the_preset():
     """Beauty's preset draws all N = K candidates and fits log Z in closed form: Table 2 has no Ada
     column (with K < N at random it is "with Ada"), and a K = 0 cell (L_GFN is 0 by construction) is
-    SFT-continued."""
+    SFT-continued. GFlowGR-TB's next context has no observed item: no r_a or r_sim column."""
     from config import parse_config
     from experiments import ABLATION, cell_config, sweep_cells
 
     beauty = parse_config(["--dataset", "beauty", "--study", "ablation", "--seeds", "42"])
-    cells = dict(sweep_cells("ablation", beauty))  # K = N = 10: every candidate is drawn, no choice to ablate
+    assert list(dict(sweep_cells("ablation", beauty))) == ["r_c", "w/o Traj", "w/o Wt", "GFlowGR"]  # next context, K = N
+    same = parse_config(["--dataset", "beauty", "--gfn-context", "same"])
+    cells = dict(sweep_cells("ablation", same))  # K = N = 50: every candidate is drawn, no choice to ablate
     assert "w/o Ada" not in cells and "with Ada" not in cells and len(cells) == len(ABLATION) - 1
-    cells = dict(sweep_cells("ablation", parse_config(["--dataset", "beauty", "--n-candidates", "20"])))
+    cells = dict(sweep_cells("ablation", parse_config(["--dataset", "beauty", "--gfn-context", "same", "--n-candidates", "60"])))
     assert "w/o Ada" not in cells and cells["with Ada"] == {"sampler.sampler": "adaptive"}
     assert dict(sweep_cells("ablation", parse_config(["--dataset", "toy"])))["w/o Ada"] == {"sampler.sampler": "random"}
     said = []
     k0 = cell_config(beauty, "gflowgr-tb", 43, {"sampler.K": 0}, said.append)
-    assert (k0.train.method, k0.train.seed, k0.sampler.K) == ("sft-continued", 43, beauty.sampler.K) and "SFT-continued" in said[0]
+    assert (k0.train.method, k0.train.seed, k0.sampler.K, k0.ft.ft_lr) == ("sft-continued", 43, 10, 3e-4)  # its own preset
+    assert "SFT-continued" in said[0]
     k1 = cell_config(beauty, "gflowgr-tb", 43, {"sampler.K": 1}, said.append)
     assert (k1.train.method, k1.sampler.K, len(said)) == ("gflowgr-tb", 1, 1)
     toy_k0 = cell_config(parse_config(["--dataset", "toy"]), "gflowgr-tb", 42, {"sampler.K": 0}, said.append)

@@ -281,6 +281,14 @@ def test_gfn_context_next_balances_augmented_items_on_the_context_after_the_obse
     curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in curves if "loss/gfn" in r)
     assert first["loss/gfn"] > 0 and first["gfn/residual_aug"] > 0 and math.isnan(first["gfn/residual_obs"])
+    # the inspection shows the run's view: r_a = 0 on every trajectory, the observed one included,
+    # and the closed-form log Z of the augmented trajectories alone
+    for user in json.loads((d / "inspect.json").read_text())["users"]:
+        trajs = user["trajectories"]
+        assert trajs[0]["observed"] and all(t["r_a"] == 0 for t in trajs)
+        aug = trajs[1:]
+        log_z = sum(t["weight"] * (t["log_r"] - t["log_pf_sum"]) for t in aug) / sum(t["weight"] for t in aug)
+        assert user["log_z"] == pytest.approx(log_z, abs=2e-3 * max(1.0, abs(log_z)))
 
     # one step by hand, lambda 0: L_GR on the sample, the GFlowNet term on the context after it
     ds = data_mod.load_dataset(cfg.data, verbose=False)
