@@ -53,7 +53,7 @@ VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"),
                   ("sampler.candidates_history", "cand-hist-{}"), ("ft.reward_beta", "beta{}"), ("ft.reward_floor", "floor{}"),
                   ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"), ("ft.ft_last", "last{}"),
                   ("cm.crossfit", "crossfit{}"), ("ft.head_lr", "headlr{}"), ("ft.target_weight", "target-weight"),
-                  ("ft.gfn_context", "ctx-{}"))
+                  ("ft.gfn_context", "ctx-{}"), ("ft.gfn_kd", "kd"))
 # Named for every fine-tuning method (each reads them): a learning-rate sweep must not land in the
 # default run's folder and replace it
 FINETUNE_VARIANT_FIELDS = (("ft.ft_lr", "ftlr{}"),)
@@ -386,6 +386,9 @@ def finalize(cfg: Config) -> Config:
         raise DataError(f"--gfn-context next trains the GFlowNet on a context with no observed item, where r_a and "
                         f"r_sim (which compare with that item) do not exist: use it with --reward rc, or --gfn-context same for "
                         f"the paper's step on the observed item's context (got --reward {ft.reward!r})")
+    if ft.gfn_kd and (t.method != "gflowgr-tb" or ft.log_z != "vargrad"):
+        raise DataError("--gfn-kd is a control of GFlowGR-TB with the closed-form log Z (whose optimum it shares): "
+                        f"use it with --method gflowgr-tb --log-z vargrad (got --method {t.method} --log-z {ft.log_z})")
     if ft.log_flow not in LOG_FLOW_FORMS:
         raise DataError(f"--log-flow must be {' or '.join(LOG_FLOW_FORMS)} (got {ft.log_flow!r})")
     if cfg.cm.loss not in collab.CM_LOSSES:

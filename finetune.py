@@ -68,6 +68,7 @@ class FinetuneConfig:
     reward: str = field(default="ra,rc,rsim", metadata={"help": "reward terms, any subset of ra,rc,rsim (Sec. 3.2)"})
     weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
     gfn_context: str = field(default="same", metadata={"help": "the context of Eq. (8)'s GFlowNet term: same (the paper: the observed item's context, the item as trajectory tau) | next (that context with the observed item appended, only augmented trajectories, r_c alone: for a user's newest training sample it is the whole training sequence, the context that has no label in the training part and that validation asks about; L_GR stays on the observed sample)"})
+    gfn_kd: bool = field(default=False, metadata={"help": "a control, not the paper's: GFlowGR-TB's step with Eq. (6)'s squared log-ratio replaced by the cross-entropy of the policy, renormalised over each sample's trajectories, to the target's shares of them (losses.pool_kd_loss): the same target on the same pool, distilled instead of balanced"})
     target_weight: bool = field(default=False, metadata={"help": "multiply each trajectory's weight by the target's probability of it within its sample's 1 + K (losses.target_share): the fit goes where the target's mass is, the top of the list"})
     log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z) | vargrad (closed form from each sample's 1 + K trajectories)"})
     log_flow: str = field(default="prefix", metadata={"help": "DB's log F(s_l): head (an MLP on the prefix state) | prefix (the MLP plus the policy's own log-probability of reaching s_l, detached: starts near balance)"})
@@ -180,7 +181,7 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     # Eq. (1)'s observed trajectory, on its own context when the GFlowNet's is another
     log_pf_gr = None if observed else model(hist, hist_len, target)[0]  # (B, L)
     # Eq. (8) (Eq. 7 with --no-weight)
-    loss, parts = gflowgr_loss(log_pf, log_r, objective=objective, r_a=rew["r_a"], r_c=r_c, log_z=log_z,
+    loss, parts = gflowgr_loss(log_pf, log_r, objective="kd" if ft.gfn_kd else objective, r_a=rew["r_a"], r_c=r_c, log_z=log_z,
                                log_flow=log_flow, lam=ft.lam, w=w, log_pf_gr=log_pf_gr)
     terms = {"gr": parts.pop("_l_gr"), "gfn": parts.pop("_l_gfn")}  # with their graphs, for the gradient norms
     parts["gfn/balance_offset"] = (log_r - log_pf.sum(-1)).mean().detach()  # the log Z that balances the batch on average

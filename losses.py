@@ -135,6 +135,22 @@ def target_share(log_r: torch.Tensor) -> torch.Tensor:
     return log_r.shape[1] * torch.softmax(log_r.detach(), dim=1)  # (B, M)
 
 
+def pool_kd_loss(log_pf: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    r"""A control, not the paper's (--gfn-kd): the GFlowNet's target distilled instead of balanced.
+
+    \mathcal{L}_{KD} = -\sum_m q_m \log \frac{P_F(\tau_m)}{\sum_{m'} P_F(\tau_{m'})},
+    \qquad q_m = \frac{R(\tau_m)^\beta}{\sum_{m'} R(\tau_{m'})^\beta}
+
+    over a sample's M trajectories. Its optimum is TB's with the closed-form log Z: the policy's
+    ratios within the set equal the target's. It weighs the errors by the target (a KL), where
+    TB weighs squared log-ratios, so whatever GFlowGR gains beyond this is the balance's own.
+    log_pf (B, M, L), log_r (B, M) (the target, detached) -> (B,).
+    """
+    q = torch.softmax(log_r.detach(), dim=1)  # (B, M): the target within the set
+    log_p = torch.log_softmax(log_pf.sum(-1), dim=1)  # (B, M): the policy within the set
+    return -(q * log_p).sum(1)  # (B,)
+
+
 def gflowgr_loss(log_pf: torch.Tensor, log_r: torch.Tensor, *, objective: str, r_a: torch.Tensor, r_c: torch.Tensor,
                  log_z: torch.Tensor | None = None, log_flow: torch.Tensor | None = None, lam: float = 1.0,
                  weighted: bool = True, w: torch.Tensor | None = None,
@@ -159,8 +175,11 @@ def gflowgr_loss(log_pf: torch.Tensor, log_r: torch.Tensor, *, objective: str, r
         l_gfn = tb_loss(log_z[:, None], log_pf, log_r)  # (B, M)
     elif objective == "db":
         l_gfn = db_loss(log_flow, log_pf, log_r)  # (B, M)
+    elif objective == "kd":  # the distillation control (--gfn-kd): one term per sample, w unused
+        l_gfn = pool_kd_loss(log_pf, log_r)[:, None]  # (B, 1)
+        w = torch.ones_like(l_gfn)
     else:
-        raise ValueError(f"objective must be 'tb' or 'db', got {objective!r}")
+        raise ValueError(f"objective must be 'tb', 'db' or 'kd', got {objective!r}")
     # Eq. (1): L_GR = -sum_l log P_F along the observed trajectory tau
     l_gr = gr_loss(log_pf[:, 0] if log_pf_gr is None else log_pf_gr)
     # Eq. (8): L = L_GR + lambda * sum_{kappa in {tau, tau'}} w(kappa) L_GFN(kappa)

@@ -307,3 +307,9 @@ def test_gfn_context_next_balances_augmented_items_on_the_context_after_the_obse
                                                   0.0, cfg, "tb", None, append_item(hist, hl, target, cfg.data.max_his_len))
     assert loss.item() == pytest.approx(gr_loss(gr(hist, hl, target)[0]).item(), rel=1e-6)
     assert parts["loss/gfn"] > 0
+    # --gfn-kd, the distillation control: the same step with the pool's cross-entropy in TB's place
+    cfg.ft.gfn_kd, cfg.ft.lam = True, 1.0
+    loss, parts, _, _ = finetune.gflowgr_step(gr, GFlowNetHeads(cfg.model.d_model, "vargrad"), cm, smp, hist, hl, target,
+                                              0.0, cfg, "tb", None, append_item(hist, hl, target, cfg.data.max_his_len))
+    assert parts["weight/mean"].item() == 1.0 and 0 < parts["loss/gfn"].item() < 50
+    assert loss.item() == pytest.approx(parts["loss/gr"].item() + parts["loss/gfn"].item(), rel=1e-6)

@@ -270,3 +270,21 @@ def test_target_weighted_vargrad_still_matches_reward_distribution():
     slowly than unweighted: the rare items get little weight, so 1,000 steps instead of 500)."""
     tv = _vargrad_fit_tv(1000, target_weighted=True)
     assert (tv < 0.05).all(), tv
+
+
+def test_pool_kd_loss_by_hand_and_at_its_optimum():
+    """--gfn-kd's control: cross-entropy of the policy renormalised over the set to the target's shares.
+    P_F sums 0.2 / 0.3 -> 0.4 / 0.6 within the set; R^beta 1 / 3 -> q = 0.25 / 0.75:
+    -(0.25 log 0.4 + 0.75 log 0.6) = 0.61216. At P ∝ R within the set its gradient is 0 (TB-VarGrad's optimum)."""
+    from losses import pool_kd_loss
+
+    log_pf = torch.log(torch.tensor([[[0.5, 0.4], [0.5, 0.6]]]))  # (1, 2, 2): sums 0.2 and 0.3
+    log_r = torch.log(torch.tensor([[1.0, 3.0]]))
+    assert pool_kd_loss(log_pf, log_r).item() == pytest.approx(-(0.25 * math.log(0.4) + 0.75 * math.log(0.6)), abs=1e-6)
+    at_opt = torch.log(torch.tensor([[[0.1, 1.0], [0.3, 1.0]]])).requires_grad_()  # within the set: 0.25 / 0.75
+    pool_kd_loss(at_opt, log_r).sum().backward()
+    assert at_opt.grad.abs().max().item() < 1e-6
+    # in Eq. (8)'s place: L_GR on column 0 plus lambda times the per-sample mean, no trajectory weight
+    loss, parts = gflowgr_loss(log_pf, log_r, objective="kd", r_a=torch.tensor([[1.0, 0.0]]), r_c=torch.tensor([[0.5, 0.9]]),
+                               lam=2.0)
+    assert loss.item() == pytest.approx(-math.log(0.2) + 2 * 0.61216, abs=1e-4) and parts["weight/mean"].item() == 1.0
