@@ -8,11 +8,15 @@
 
 Every field is a command-line flag named after it (`--ft-lr`, `--K`; the CM's get a `cm-`
 prefix, `--cm-lr`); its help text is the field's `help`. Values come from: the defaults <- the
-data set's preset (`PRESETS`) <- the flags given. `finalize` fills the derived fields and
+data set's preset (`PRESETS`) <- the method's own preset on that data set (`METHOD_PRESETS`;
+`with_method` switches methods) <- the flags given. `finalize` fills the derived fields and
 rejects, with one message each, settings that cannot work.
 
 A run lives in `runs/<dataset>__[<backbone>__]<method>[+<variant>]__seed<N>/` (`run_dir`);
 a finished run whose config.json equals the config is reused (`finished`).
+
+One concept at ~500 lines: most of it is the presets' comments, which record why each preset
+value won on validation (BENCHMARKS.md has the runs), and `finalize`'s one message per bad setting.
 
 Usage: `cfg = parse_config(["--dataset", "toy", "--method", "gflowgr-tb"])`
 """
