@@ -195,17 +195,22 @@ def method_preset(dataset: str, method: str) -> dict:
     return METHOD_PRESETS.get(dataset, {}).get(method, {})
 
 
+def preset_config(dataset: str, method: str) -> Config:
+    """The Config that method gets on dataset when no flag is given: defaults <- PRESETS <- METHOD_PRESETS."""
+    cfg = Config()
+    for dotted, value in {**PRESETS.get(dataset, {}), **method_preset(dataset, method)}.items():
+        set_field(cfg, dotted, value)
+    return cfg
+
+
 def method_defaults(dataset: str, method: str) -> dict:
     """For every setting some method preset of dataset sets: the value method gets when no flag is given.
 
     >>> method_defaults("beauty", "sft-continued")["ft.ft_lr"], method_defaults("beauty", "gflowgr-tb")["ft.ft_lr"]
     (0.0003, 0.001)
     """
-    base = Config()
-    for dotted, value in PRESETS.get(dataset, {}).items():
-        set_field(base, dotted, value)
-    keys = {k for preset in METHOD_PRESETS.get(dataset, {}).values() for k in preset}
-    return {k: method_preset(dataset, method).get(k, get_field(base, k)) for k in keys}
+    base = preset_config(dataset, method)
+    return {k: get_field(base, k) for preset in METHOD_PRESETS.get(dataset, {}).values() for k in preset}
 
 
 def with_method(cfg: Config, method: str) -> Config:
@@ -409,8 +414,7 @@ def apply_preset(cfg: Config) -> Config:
     base, out = Config(), copy.deepcopy(cfg)
     preset = {**PRESETS.get(cfg.data.dataset, {}), **method_preset(cfg.data.dataset, cfg.train.method)}
     for dotted, value in preset.items():
-        group, name = dotted.split(".")
-        if getattr(getattr(cfg, group), name) == getattr(getattr(base, group), name):
+        if get_field(cfg, dotted) == get_field(base, dotted):
             set_field(out, dotted, value)
     return finalize(out)
 
@@ -431,9 +435,7 @@ def variant(cfg: Config) -> str:
         tag = [RANKING_VARIANT, *tag]
     fields = (*VARIANT_FIELDS, *FINETUNE_VARIANT_FIELDS) if cfg.train.method in OBJECTIVE else \
         FINETUNE_VARIANT_FIELDS if cfg.train.method in FINETUNE_TABLE else ()
-    base, default, parts = Config(), Config(), []
-    for dotted, value in {**PRESETS.get(cfg.data.dataset, {}), **method_preset(cfg.data.dataset, cfg.train.method)}.items():
-        set_field(base, dotted, value)
+    base, default, parts = preset_config(cfg.data.dataset, cfg.train.method), Config(), []
     for dotted, fmt in fields:
         value = get_field(cfg, dotted)
         if value != get_field(base, dotted):
