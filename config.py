@@ -57,7 +57,7 @@ VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"),
                   ("sampler.candidates_history", "cand-hist-{}"), ("ft.reward_beta", "beta{}"), ("ft.reward_floor", "floor{}"),
                   ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"), ("ft.ft_last", "last{}"),
                   ("cm.crossfit", "crossfit{}"), ("ft.head_lr", "headlr{}"), ("ft.target_weight", "target-weight"),
-                  ("ft.gfn_context", "ctx-{}"), ("ft.gfn_kd", "kd"))
+                  ("ft.gfn_context", "ctx-{}"), ("ft.gfn_kd", "kd"), ("ft.policy_mix", "pmix{}"))
 # Named for every fine-tuning method (each reads them): a learning-rate sweep must not land in the
 # default run's folder and replace it
 FINETUNE_VARIANT_FIELDS = (("ft.ft_lr", "ftlr{}"),)
@@ -398,6 +398,9 @@ def finalize(cfg: Config) -> Config:
     if ft.gfn_kd and (t.method != "gflowgr-tb" or ft.log_z != "vargrad"):
         raise DataError("--gfn-kd is a control of GFlowGR-TB with the closed-form log Z (whose optimum it shares): "
                         f"use it with --method gflowgr-tb --log-z vargrad (got --method {t.method} --log-z {ft.log_z})")
+    if not 0 <= ft.policy_mix <= 1 or (ft.policy_mix > 0 and not ft.target_weight):
+        raise DataError(f"--policy-mix is the policy's share in --target-weight's draw: a number in [0, 1], with "
+                        f"--target-weight on (got --policy-mix {ft.policy_mix:g}, --target-weight {'on' if ft.target_weight else 'off'})")
     if ft.log_flow not in LOG_FLOW_FORMS:
         raise DataError(f"--log-flow must be {' or '.join(LOG_FLOW_FORMS)} (got {ft.log_flow!r})")
     if cfg.cm.loss not in collab.CM_LOSSES:

@@ -47,7 +47,7 @@ from batches import append_item, length_bucketed_batches, trim
 from data import DataError
 from evaluation import evaluate, recommend
 from gflowgr import GFlowNetHeads, GRModel
-from losses import REWARD_FLOOR, gflowgr_loss, gr_loss, log_reward, reward, target_share, trajectory_weight, vargrad_log_z
+from losses import REWARD_FLOOR, gflowgr_loss, gr_loss, log_reward, policy_share, reward, target_share, trajectory_weight, vargrad_log_z
 from runtime import JsonlLogger, check_finite, set_seed
 from sampler import TrajectorySampler
 
@@ -70,6 +70,7 @@ class FinetuneConfig:
     gfn_context: str = field(default="same", metadata={"help": "the context of Eq. (8)'s GFlowNet term: same (the paper: the observed item's context, the item as trajectory tau) | next (that context with the observed item appended, only augmented trajectories, r_c alone: for a user's newest training sample it is the whole training sequence, the context that has no label in the training part and that validation asks about; L_GR stays on the observed sample)"})
     gfn_kd: bool = field(default=False, metadata={"help": "a control, not the paper's: GFlowGR-TB's step with Eq. (6)'s squared log-ratio replaced by the cross-entropy of the policy, renormalised over each sample's trajectories, to the target's shares of them (losses.pool_kd_loss): the same target on the same pool, distilled instead of balanced"})
     target_weight: bool = field(default=False, metadata={"help": "multiply each trajectory's weight by the target's probability of it within its sample's 1 + K (losses.target_share): the fit goes where the target's mass is, the top of the list"})
+    policy_mix: float = field(default=0.0, metadata={"help": "with --target-weight: the share a of the policy's own probability in the draw the weights stand for, M((1 - a) q_m + a p_m) (losses.policy_share): 0 the target alone, 1 on-policy; a mix also pushes down what the policy over-weights"})
     log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z) | vargrad (closed form from each sample's 1 + K trajectories)"})
     log_flow: str = field(default="prefix", metadata={"help": "DB's log F(s_l): head (an MLP on the prefix state) | prefix (the MLP plus the policy's own log-probability of reaching s_l, detached: starts near balance)"})
     reward_beta: float = field(default=3.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1; 3 was best on Beauty valid)"})
@@ -116,12 +117,17 @@ def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, c
     return rew, log_r
 
 
-def training_weights(r_a: torch.Tensor, r_c: torch.Tensor, log_r: torch.Tensor, ft: FinetuneConfig) -> torch.Tensor:
+def training_weights(r_a: torch.Tensor, r_c: torch.Tensor, log_r: torch.Tensor, ft: FinetuneConfig,
+                     log_pf: torch.Tensor | None = None) -> torch.Tensor:
     """Each trajectory's weight in Eq. (8) and in the closed-form log Z, all (B, M): 1 / (r_a - r_c)^2
-    (1 under --no-weight, Eq. 7), times the target's probability of it under --target-weight."""
+    (1 under --no-weight, Eq. 7), times the target's probability of it under --target-weight, mixed
+    with the policy's own (log_pf (B, M, L)) under --policy-mix."""
     w = trajectory_weight(r_a, r_c) if ft.weight else torch.ones_like(log_r)  # Eq. (8)'s weight
     if ft.target_weight:  # the trajectories as a draw from the target (losses.target_share)
-        w = w * target_share(log_r)
+        share = target_share(log_r)  # (B, M)
+        if ft.policy_mix > 0:  # ... and from the policy itself (losses.policy_share)
+            share = (1 - ft.policy_mix) * share + ft.policy_mix * policy_share(log_pf)
+        w = w * share
     return w
 
 
@@ -176,7 +182,7 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     log_pf, h, mem, mask = model.trajectories(g_hist, g_len, items)  # (B, M, L), (B, M, L, d)
     # Sec. 3.2: R = r_a + r_c + r_sim, and the log-reward the GFlowNet targets
     rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, g_hist, g_len, observed)  # (B, M)
-    w = training_weights(rew["r_a"], r_c, log_r, ft)  # (B, M): Eq. (8)'s weight (and --target-weight's)
+    w = training_weights(rew["r_a"], r_c, log_r, ft, log_pf)  # (B, M): Eq. (8)'s weight (and --target-weight's)
     log_z, log_flow = balance_terms(heads, objective, ft, log_pf, h, mem, mask, log_r, w)
     # Eq. (1)'s observed trajectory, on its own context when the GFlowNet's is another
     log_pf_gr = None if observed else model(hist, hist_len, target)[0]  # (B, L)

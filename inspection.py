@@ -54,9 +54,9 @@ def inspect_users(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads | Non
     first = int(cfg.ft.gfn_context == "next")  # the first column the GFlowNet term saw
     rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, hist, hist_len, observed=not first)  # (B, M)
     # Eq. (8): w = 1 / (r_a - r_c)^2, clamped (1 under --no-weight; times the target's share under --target-weight)
-    w = training_weights(rew["r_a"], r_c, log_r, cfg.ft)
+    w = training_weights(rew["r_a"], r_c, log_r, cfg.ft, log_pf)
     if first:  # the augmented trajectories' weights among themselves, as the run computed them
-        w[:, 1:] = training_weights(rew["r_a"][:, 1:], r_c[:, 1:], log_r[:, 1:], cfg.ft)
+        w[:, 1:] = training_weights(rew["r_a"][:, 1:], r_c[:, 1:], log_r[:, 1:], cfg.ft, log_pf[:, 1:])
     if heads is not None:
         heads.eval()
         # log F (B, M, L) and log Z (B,) in the run's forms (--log-flow, --log-z), as in training

@@ -135,6 +135,22 @@ def target_share(log_r: torch.Tensor) -> torch.Tensor:
     return log_r.shape[1] * torch.softmax(log_r.detach(), dim=1)  # (B, M)
 
 
+def policy_share(log_pf: torch.Tensor) -> torch.Tensor:
+    r"""--policy-mix: each trajectory's share under the policy itself, renormalised within its sample's set.
+
+    p_m = M \cdot \frac{P_F(\tau_m)}{\sum_{m'} P_F(\tau_{m'})}    (detached; mean 1 over the M trajectories)
+
+    A GFlowNet trained on its own samples (on-policy) weighs TB's errors this way. Near balance the
+    target's share (`target_share`) weighs the squared log-ratio like a forward KL, q log(q/p): the
+    trajectories the policy over-weights (p >> q) get little of the fit; the policy's share adds
+    the other side, p log(p/q), so a mix of the two pushes down what the policy wrongly favours as
+    hard as it lifts what the target favours, as the distillation control's gradient p - q does.
+
+    log_pf (B, M, L) -> (B, M).
+    """
+    return log_pf.shape[1] * torch.softmax(log_pf.detach().sum(-1), dim=1)  # (B, M)
+
+
 def pool_kd_loss(log_pf: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
     r"""A control, not the paper's (--gfn-kd): the GFlowNet's target distilled instead of balanced.
 
