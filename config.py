@@ -185,8 +185,13 @@ METHOD_PRESETS = {
     # eleventh). Its own --ft-lr and pool: SFT-continued is worse at 1e-3 (0.0454 against 0.0474),
     # and DPO / S-DPO keep the top-10 pool they were measured with. ~5x the fine-tuning time of the
     # same-context setting (K 50 trajectories per context instead of 10).
+    # Eq. (7), not Eq. (8) (--no-weight): Eq. (8)'s 1 / (r_a - r_c)^2 weighs the disagreement of the
+    # observed item's label with the CM; the next context has no observed item (r_a = 0), so it became
+    # 1 / r_c^2, largest (11x) for the items the CM ranks lowest, against the target's share.
+    # Valid NDCG@10 0.0528 +- 0.0015 over seeds 42/43/44 against 0.0524 +- 0.0017 with Eq. (8): a tie
+    # within the spread, taken by the rule set before the runs (BENCHMARKS.md, 2026-12-07, thirteenth).
     "beauty": {"gflowgr-tb": {"ft.gfn_context": "next", "sampler.n_candidates": 50, "sampler.K": 50,
-                              "ft.target_weight": True, "ft.lam": 1.0, "ft.ft_lr": 1e-3}},
+                              "ft.target_weight": True, "ft.weight": False, "ft.lam": 1.0, "ft.ft_lr": 1e-3}},
 }
 
 

@@ -173,7 +173,8 @@ def sweep_cells(study: str, cfg: Config | None = None) -> list[tuple[str, dict]]
     Where the preset already draws the K candidates at random, "w/o Ada" would be the full model
     again: the column becomes "with Ada", the curriculum switched on. Where every candidate is drawn
     (K = N, Beauty's and Yelp's presets: the GR's whole top-10) there is nothing for the sampler to
-    choose, and the column is left out. Under --gfn-context next (Beauty's GFlowGR-TB preset) the
+    choose, and the column is left out. Where the preset has no Eq. (8) weight (Beauty's GFlowGR-TB),
+    "w/o Wt" becomes "with Wt". Under --gfn-context next (Beauty's GFlowGR-TB preset) the
     GFlowNet's context has no observed item, so r_a and r_sim do not exist there: the columns that
     use them are left out (run the paper's reward columns with --gfn-context same).
     """
@@ -181,6 +182,8 @@ def sweep_cells(study: str, cfg: Config | None = None) -> list[tuple[str, dict]]
         cells = ABLATION
         if cfg is not None and cfg.ft.gfn_context == "next":
             cells = [(label, o) for label, o in cells if set(o.get("ft.reward", "rc").split(",")) == {"rc"}]
+        if cfg is not None and not cfg.ft.weight:  # the preset is Eq. (7) already: the column switches Eq. (8) on
+            cells = [("with Wt", {"ft.weight": True}) if label == "w/o Wt" else (label, o) for label, o in cells]
         if cfg is not None and cfg.sampler.K >= cfg.sampler.n_candidates:
             return [(label, o) for label, o in cells if label != "w/o Ada"]
         if cfg is not None and cfg.sampler.sampler == "random":

@@ -16,10 +16,11 @@ def test_method_presets_apply_to_their_method_alone():
 
     tb = parse_config(["--dataset", "beauty"])
     assert (tb.train.method, tb.ft.gfn_context, tb.sampler.n_candidates, tb.sampler.K) == ("gflowgr-tb", "next", 50, 50)
-    assert (tb.ft.target_weight, tb.ft.lam, tb.ft.ft_lr) == (True, 1.0, 1e-3)
+    assert (tb.ft.target_weight, tb.ft.weight, tb.ft.lam, tb.ft.ft_lr) == (True, False, 1.0, 1e-3)
     for method in ("sft-continued", "sdpo", "gflowgr-db"):
         c = parse_config(["--dataset", "beauty", "--method", method])
-        assert (c.ft.gfn_context, c.sampler.K, c.ft.target_weight, c.ft.lam, c.ft.ft_lr) == ("same", 10, False, 0.03, 3e-4)
+        assert (c.ft.gfn_context, c.sampler.K, c.ft.target_weight, c.ft.weight, c.ft.lam, c.ft.ft_lr) == \
+            ("same", 10, False, True, 0.03, 3e-4)
         assert with_method(tb, method) == c  # switching the method is parsing with that method
         assert with_method(c, "gflowgr-tb") == tb
     assert parse_config(["--dataset", "toy"]).ft.gfn_context == "same"  # toy and Yelp: no method preset

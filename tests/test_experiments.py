@@ -339,12 +339,13 @@ def test_a_letter_study_does_not_overwrite_the_tiger_one(tmp_path):
 def test_sweep_cells_follow_the_preset():
     """Beauty's preset draws all N = K candidates and fits log Z in closed form: Table 2 has no Ada
     column (with K < N at random it is "with Ada"), and a K = 0 cell (L_GFN is 0 by construction) is
-    SFT-continued. GFlowGR-TB's next context has no observed item: no r_a or r_sim column."""
+    SFT-continued. GFlowGR-TB's next context has no observed item: no r_a or r_sim column, and its
+    preset is Eq. (7): the weight's column switches Eq. (8) on."""
     from config import parse_config
     from experiments import ABLATION, cell_config, sweep_cells
 
     beauty = parse_config(["--dataset", "beauty", "--study", "ablation", "--seeds", "42"])
-    assert list(dict(sweep_cells("ablation", beauty))) == ["r_c", "w/o Traj", "w/o Wt", "GFlowGR"]  # next context, K = N
+    assert list(dict(sweep_cells("ablation", beauty))) == ["r_c", "w/o Traj", "with Wt", "GFlowGR"]  # next context, K = N, Eq. (7)
     same = parse_config(["--dataset", "beauty", "--gfn-context", "same"])
     cells = dict(sweep_cells("ablation", same))  # K = N = 50: every candidate is drawn, no choice to ablate
     assert "w/o Ada" not in cells and "with Ada" not in cells and len(cells) == len(ABLATION) - 1
