@@ -145,6 +145,7 @@ def policy_share(log_pf: torch.Tensor) -> torch.Tensor:
     trajectories the policy over-weights (p >> q) get little of the fit; the policy's share adds
     the other side, p log(p/q), so a mix of the two pushes down what the policy wrongly favours as
     hard as it lifts what the target favours, as the distillation control's gradient p - q does.
+    On Beauty a half mix was worse than the target alone (BENCHMARKS.md, 2026-12-07, thirteenth): off.
 
     log_pf (B, M, L) -> (B, M).
     """
