@@ -57,7 +57,8 @@ VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"),
                   ("sampler.candidates_history", "cand-hist-{}"), ("ft.reward_beta", "beta{}"), ("ft.reward_floor", "floor{}"),
                   ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"), ("ft.ft_last", "last{}"),
                   ("cm.crossfit", "crossfit{}"), ("ft.head_lr", "headlr{}"), ("ft.target_weight", "target-weight"),
-                  ("ft.gfn_context", "ctx-{}"), ("ft.gfn_kd", "kd"), ("ft.policy_mix", "pmix{}"))
+                  ("ft.gfn_context", "ctx-{}"), ("ft.gfn_kd", "kd"), ("ft.policy_mix", "pmix{}"),
+                  ("ft.refit_test", "refit"))
 # Named for every fine-tuning method (each reads them): a learning-rate sweep must not land in the
 # default run's folder and replace it
 FINETUNE_VARIANT_FIELDS = (("ft.ft_lr", "ftlr{}"),)
@@ -396,10 +397,15 @@ def finalize(cfg: Config) -> Config:
                         "and a sampler (with K = 0 the TB residual is 0 by construction)")
     if ft.gfn_context not in GFN_CONTEXTS:
         raise DataError(f"--gfn-context must be {' or '.join(GFN_CONTEXTS)} (got {ft.gfn_context!r})")
-    if ft.gfn_context == "next" and set(terms) != {"rc"}:
-        raise DataError(f"--gfn-context next trains the GFlowNet on a context with no observed item, where r_a and "
+    if ft.gfn_context in ("next", "own") and set(terms) != {"rc"}:
+        raise DataError(f"--gfn-context {ft.gfn_context} trains the GFlowNet on a context with no observed item, where r_a and "
                         f"r_sim (which compare with that item) do not exist: use it with --reward rc, or --gfn-context same for "
                         f"the paper's step on the observed item's context (got --reward {ft.reward!r})")
+    if ft.refit_test and (t.method not in OBJECTIVE or ft.gfn_context != "next" or ft.ft_last != 1):
+        raise DataError("--refit-test fine-tunes GFlowGR a second time with the GFlowNet term on each user's test context "
+                        "(the newest training sample's next context plus the validation item): use it with --method "
+                        f"gflowgr-tb or gflowgr-db, --gfn-context next and --ft-last 1 (got --method {t.method}, "
+                        f"--gfn-context {ft.gfn_context}, --ft-last {ft.ft_last})")
     if ft.gfn_kd and (t.method != "gflowgr-tb" or ft.log_z != "vargrad"):
         raise DataError("--gfn-kd is a control of GFlowGR-TB with the closed-form log Z (whose optimum it shares): "
                         f"use it with --method gflowgr-tb --log-z vargrad (got --method {t.method} --log-z {ft.log_z})")

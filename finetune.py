@@ -54,7 +54,7 @@ from sampler import TrajectorySampler
 OBJECTIVE = {"gflowgr-tb": "tb", "gflowgr-db": "db"}  # the GFlowNet objective of each GFlowGR method
 LOG_Z_FORMS = ("user", "scalar", "vargrad")  # gflowgr.GFlowNetHeads; vargrad: losses.vargrad_log_z
 LOG_FLOW_FORMS = ("head", "prefix")
-GFN_CONTEXTS = ("same", "next")  # --gfn-context
+GFN_CONTEXTS = ("same", "next", "own")  # --gfn-context
 
 
 @dataclass
@@ -67,7 +67,8 @@ class FinetuneConfig:
     lam: float = field(default=1.0, metadata={"help": "lambda of Eq. (7)/(8): weight of the GFlowNet loss", "flag": "--lambda"})
     reward: str = field(default="ra,rc,rsim", metadata={"help": "reward terms, any subset of ra,rc,rsim (Sec. 3.2)"})
     weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
-    gfn_context: str = field(default="same", metadata={"help": "the context of Eq. (8)'s GFlowNet term: same (the paper: the observed item's context, the item as trajectory tau) | next (that context with the observed item appended, only augmented trajectories, r_c alone: for a user's newest training sample it is the whole training sequence, the context that has no label in the training part and that validation asks about; L_GR stays on the observed sample)"})
+    gfn_context: str = field(default="same", metadata={"help": "the context of Eq. (8)'s GFlowNet term: same (the paper: the observed item's context, the item as trajectory tau) | next (that context with the observed item appended, only augmented trajectories, r_c alone: for a user's newest training sample it is the whole training sequence, the context that has no label in the training part and that validation asks about; L_GR stays on the observed sample) | own (a diagnostic: the observed item's context as in same, but only augmented trajectories and r_c alone as in next: the GFlowNet term one item before the context validation asks about, as next's is one item before the test's)"})
+    refit_test: bool = field(default=False, metadata={"help": "with --gfn-context next: the test split gets its own model, fine-tuned again from the SFT checkpoint with the GFlowNet term on the test contexts (each user's training sequence with the validation item appended, as input only: L_GR stays on the training samples) for the epochs validation chose; the valid numbers are the first model's. next fits the CM's tilt on the contexts validation asks about, and the test asks one item later"})
     gfn_kd: bool = field(default=False, metadata={"help": "a control, not the paper's: GFlowGR-TB's step with Eq. (6)'s squared log-ratio replaced by the cross-entropy of the policy, renormalised over each sample's trajectories, to the target's shares of them (losses.pool_kd_loss): the same target on the same pool, distilled instead of balanced"})
     target_weight: bool = field(default=False, metadata={"help": "multiply each trajectory's weight by the target's probability of it within its sample's 1 + K (losses.target_share): the fit goes where the target's mass is, the top of the list"})
     policy_mix: float = field(default=0.0, metadata={"help": "with --target-weight: the share a of the policy's own probability in the draw the weights stand for, M((1 - a) q_m + a p_m) (losses.policy_share): 0 the target alone, 1 on-policy; a mix also pushes down what the policy over-weights"})
@@ -224,6 +225,31 @@ def last_contexts(train_t: dict, n: int) -> dict:
     return {k: v[keep] for k, v in train_t.items()}
 
 
+def test_contexts(train_t: dict, valid_t: dict, max_len: int) -> dict:
+    """--refit-test: train_t (each user's newest training sample, --ft-last 1) with "after" (N,), the
+    user's validation item: GFlowGR.context appends it after the sample's own target, so the
+    GFlowNet term sits on the test's context. The validation item is input there, never a label.
+
+    Checks that the sample's history with its target appended is the user's validation context
+    (the split's layout), so that one more item is the test's context.
+    """
+    n_users = int(torch.maximum(train_t["user"].max(), valid_t["user"].max())) + 1
+    item = torch.full((n_users,), -1, dtype=valid_t["target"].dtype, device=valid_t["target"].device)
+    item[valid_t["user"]] = valid_t["target"]  # (n_users,) each user's validation item
+    row = torch.full((n_users,), -1, dtype=torch.long, device=valid_t["target"].device)
+    row[valid_t["user"]] = torch.arange(len(valid_t["user"]), device=row.device)  # (n_users,) its row in valid_t
+    v = row[train_t["user"]]  # (N,)
+    if bool((v < 0).any()) or len(torch.unique(train_t["user"])) != len(train_t["user"]):
+        raise DataError("--refit-test fine-tunes on each user's newest training sample and the validation item after it: "
+                        "use it with --ft-last 1")
+    hist, hist_len = append_item(train_t["hist"], train_t["hist_len"], train_t["target"], max_len)
+    want = trim(valid_t["hist"][v], valid_t["hist_len"][v])
+    if hist.shape != want.shape or not torch.equal(hist, want) or not torch.equal(hist_len, valid_t["hist_len"][v]):
+        raise DataError("--refit-test: a training sample's history with its item appended is not its user's validation "
+                        "context; the split is not leave-one-out")
+    return {**train_t, "after": item[train_t["user"]]}
+
+
 def grad_norms(terms: dict, params: list) -> dict:
     """The L2 norm of the gradient of each loss term alone (before clipping), e.g. L_GR and lambda L_GFN.
 
@@ -309,6 +335,7 @@ class GFlowGR(Method):
         super().__init__(name, model, heads, cm, sampler, cfg, train_t)
         self.objective = OBJECTIVE[name]
         self.user = train_t["user"]  # (N,) each training sample's user: --cm-crossfit scores it with the CM that never saw them
+        self.after = train_t.get("after")  # (N,) --refit-test: the item after each sample's target (see test_contexts)
         ft = cfg.ft
         self.prior = copy.deepcopy(model).eval() if ft.sft_prior else None  # the frozen SFT model
         # The heads start untrained: their first, huge residuals would flow into the SFT backbone
@@ -332,19 +359,26 @@ class GFlowGR(Method):
         hl = train_t["hist_len"][b]
         hist, target = trim(train_t["hist"][b], hl), train_t["target"][b]
         _, parts, _, _ = gflowgr_step(self.model, self.heads, self.cm.held_out(self.user[b]), self.sampler, hist, hl, target,
-                                      0.0, self.cfg, self.objective, self.prior, self.context(hist, hl, target))
+                                      0.0, self.cfg, self.objective, self.prior, self.context(b, hist, hl, target))
         self.heads.init_offset(float(parts["gfn/balance_offset"]))
 
-    def context(self, hist, hist_len, target):
-        """The GFlowNet term's context: None (the sample's own, the paper's), or under --gfn-context next
-        the sample's history with its observed item appended (batches.append_item)."""
+    def context(self, idx, hist, hist_len, target):
+        """The GFlowNet term's context: None (the sample's own, the paper's), under --gfn-context own
+        the sample's own history without its observed item as a trajectory, under next the history
+        with its observed item appended (batches.append_item), and in a --refit-test run the item
+        after it (the validation item) appended too: the test's context."""
         if self.cfg.ft.gfn_context == "same":
             return None
-        return append_item(hist, hist_len, target, self.cfg.data.max_his_len)
+        if self.cfg.ft.gfn_context == "own":
+            return hist, hist_len
+        hist, hist_len = append_item(hist, hist_len, target, self.cfg.data.max_his_len)
+        if self.after is not None:
+            hist, hist_len = append_item(hist, hist_len, self.after[idx], self.cfg.data.max_his_len)
+        return hist, hist_len
 
     def loss(self, idx, hist, hist_len, target, progress, inner):
         loss, parts, stats, terms = gflowgr_step(self.model, self.heads, self.cm.held_out(self.user[idx]), self.sampler, hist, hist_len, target,
-                                                 progress, self.cfg, self.objective, self.prior, self.context(hist, hist_len, target))
+                                                 progress, self.cfg, self.objective, self.prior, self.context(idx, hist, hist_len, target))
         return Loss(loss, parts, stats, terms)
 
 
@@ -405,8 +439,11 @@ METHODS: dict[str, type[Method]] = {
 
 
 def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str, logger: JsonlLogger, log=print,
-             resume_path: Path | None = None, resume: dict | None = None, identity=None):
+             resume_path: Path | None = None, resume: dict | None = None, identity=None, refit: bool = False):
     """Fine-tune the SFT backbone with `method` for ft_epochs; keep the epoch with the best valid NDCG@10.
+
+    refit (--refit-test's second model): the GFlowNet term on the test contexts (test_contexts), no
+    validation (valid_t is that model's validation of the contexts' layout only), the last epoch kept.
 
     train_t, valid_t: batches.to_tensors of the splits; cfg: config.Config. After every epoch
     the whole state (backbone, heads, the method's own state, optimiser, schedule, batch order,
@@ -418,6 +455,8 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str,
     t, ft = cfg.train, cfg.ft
     device = train_t["target"].device
     train_t = last_contexts(train_t, ft.ft_last)  # --ft-last: each user's most recent contexts only
+    if refit:
+        train_t = test_contexts(train_t, valid_t, cfg.data.max_his_len)
     # the heads' initial weights and the dropout masks: the same whatever ran before in this
     # process (a study trains many runs in one), so a run's numbers depend on its config alone
     set_seed(t.seed)
@@ -446,7 +485,7 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str,
         raise DataError(f"--head-warmup ({warm} steps) is not shorter than the whole fine-tuning ({total} steps: "
                         f"{ft.ft_epochs} epochs of {n_batches}): lower it or raise --ft-epochs")
     eval_idx = None
-    if 0 < t.eval_users < len(valid_t["target"]):
+    if 0 < t.eval_users < len(valid_t["target"]) and not refit:
         eval_idx = torch.randperm(len(valid_t["target"]), generator=torch.Generator().manual_seed(t.seed))[: t.eval_users]
     best = {"ndcg@10": -1.0}
     step, t_train, n_seen, start = 0, 0.0, 0, 0
@@ -509,15 +548,16 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str,
                                 **({"log_z": f"{out.stats['gfn/log_z']:.2f}"} if "gfn/log_z" in out.stats else {}))
                 logger.log(step=step, epoch=epoch, **row)
         t_train += time.time() - t0
-        val = evaluate(model, valid_t, t, eval_idx, desc="valid")
+        # --refit-test's model sees the validation item as input: it is not validated, its last epoch is kept
+        val = evaluate(model, valid_t, t, eval_idx, desc="valid") if not refit else {}
         logger.log(step=step, epoch=epoch + 1, **{f"eval/valid_{k}": v for k, v in val.items()},
                    **{"charts/samples_per_s": n_seen / t_train, "charts/epoch_seconds": time.time() - t0})
         # only epochs in which the backbone trained compete: a warm-up-only epoch is the SFT model
-        improved = val["ndcg@10"] > best["ndcg@10"] and step > warm
-        log(f"{method} epoch {epoch + 1}  valid HR@10 {val['hr@10']:.4f} NDCG@10 {val['ndcg@10']:.4f}"
-            f"  ({n_seen / t_train:.0f} samples/s){'  *' if improved else ''}")
+        improved = (val["ndcg@10"] > best["ndcg@10"] if not refit else epoch + 1 == ft.ft_epochs) and step > warm
+        log(f"{method} epoch {epoch + 1}  " + (f"valid HR@10 {val['hr@10']:.4f} NDCG@10 {val['ndcg@10']:.4f}" if val else "(test refit)")
+            + f"  ({n_seen / t_train:.0f} samples/s){'  *' if improved else ''}")
         if improved:
-            best = {"ndcg@10": val["ndcg@10"], "epoch": epoch + 1, "step": step,
+            best = {"ndcg@10": val.get("ndcg@10", float("nan")), "epoch": epoch + 1, "step": step,
                     "state": copy.deepcopy(model.state_dict()), "heads": copy.deepcopy(heads.state_dict())}
         if resume_path is not None and epoch + 1 < ft.ft_epochs:
             streams = {"method": m.state(), "sampler_gen": sampler.gen.get_state() if sampler is not None else None,

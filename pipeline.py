@@ -5,7 +5,8 @@ fine-tuning method, the CM and the fine-tuning (finetune.py) -> beam-search eval
 valid and test users -> the run folder and the printed table:
 
     runs/<dataset>__<method>__seed<seed>/   config.json, metrics.json, metrics.jsonl,
-                                            checkpoint.pt, inspect.json (fine-tuned runs)
+                                            checkpoint.pt, inspect.json (fine-tuned runs),
+                                            metrics_refit.jsonl (--refit-test: the test's model)
 
 The expensive stages are cached (stages.py, collab.load_or_train); a run that finished with
 the same config is reused (`run_or_reuse`), and so is the fine-tuned model of its ranked-in
@@ -101,7 +102,17 @@ def run(cfg: Config, log=print) -> dict:
         t0 = time.time()
         ranked_in = ranked_with_history_in(cfg)
         reused = reuse_finetuned(ranked_in, model, cfg, device, log) if ranked_in is not None else None
-        if reused is not None:  # --filter-seen: the same run ranked with the history in has the model
+        validated = validated_twin(cfg)  # --refit-test: the same run without it has the validation model's numbers
+        if validated is not None:
+            twin = json.loads((validated / "metrics.json").read_text())
+            log(f"[reuse] {t.method}: the validation model's numbers of {validated} (its best epoch {twin['finetune']['best_epoch']})")
+            ft_info = {k: v for k, v in twin["finetune"].items() if k != "refit"}
+            if distributed.is_main():  # the validation model's curves
+                out_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(validated / "metrics.jsonl", out_dir / "metrics.jsonl.tmp")
+                os.replace(out_dir / "metrics.jsonl.tmp", out_dir / "metrics.jsonl")
+            inspect = None
+        elif reused is not None:  # --filter-seen: the same run ranked with the history in has the model
             heads, ft_info, inspect = reused
             if distributed.is_main():
                 out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,8 +129,16 @@ def run(cfg: Config, log=print) -> dict:
             inspect = None
         timing["finetune_s"] = time.time() - t0
         t0 = time.time()
-        ev = {name: evaluate(model, tensors[name], t, desc=name, exclude_seen=t.filter_seen) for name in ("valid", "test")}
+        ev = {"valid": twin["valid"] if validated is not None else
+              evaluate(model, tensors["valid"], t, desc="valid", exclude_seen=t.filter_seen)}
         timing["eval_s"] = time.time() - t0
+        if cfg.ft.refit_test and reused is None:  # the test's own model: the GFlowNet term on the test contexts
+            t0 = time.time()
+            heads, sampler, ft_info["refit"] = refit_for_test(model, sft_model, cm, tensors, cfg, ft_info, out_dir, log)
+            timing["finetune_s"] += time.time() - t0
+        t0 = time.time()
+        ev["test"] = evaluate(model, tensors["test"], t, desc="test", exclude_seen=t.filter_seen)
+        timing["eval_s"] += time.time() - t0
         result.update(test=ev["test"], valid=ev["valid"], finetune=ft_info, cm={k: cm_info[k] for k in ("valid", "test")})
         rows = {t.method.upper(): ev, **rows, "CM (SASRec)": cm_info}
         if inspect is None:  # (reused: the ranked-in run's, which the ranking does not change)
@@ -148,12 +167,49 @@ def run(cfg: Config, log=print) -> dict:
     return result
 
 
+def refit_for_test(model, sft_model, cm, tensors: dict, cfg: Config, ft_info: dict, out_dir: Path, log=print):
+    """--refit-test: fine-tune model again from the SFT weights, the GFlowNet term on each user's test
+    context (finetune.test_contexts), for the epochs validation chose (ft_info["best_epoch"]); model
+    ends as that test model. Resumable (resume_refit.pt); logs to metrics_refit.jsonl. Returns the
+    heads, the sampler and the refit's info.
+
+    Under --gfn-context next the first model fitted the CM's tilt on the contexts validation asks
+    about; the test asks one item later (the validation item appended), where that tilt is one
+    item stale. The refit gives the test what validation had; L_GR stays on the training samples.
+    """
+    rcfg = copy.deepcopy(cfg)
+    rcfg.ft.ft_epochs = int(ft_info["best_epoch"])
+    model.load_state_dict(sft_model.state_dict())
+    identity = {**run_identity(cfg), "refit_epochs": rcfg.ft.ft_epochs}
+    resume_path = out_dir / "resume_refit.pt"
+    resume = cache.load_resume(resume_path, identity, "the test refit", log)
+    logger = JsonlLogger(out_dir / "metrics_refit.jsonl", resume["log_bytes"] if resume else None)
+    log(f"[stage] {cfg.train.method} test refit: {rcfg.ft.ft_epochs} epochs from the SFT checkpoint on the test contexts")
+    out = finetune(model, cm, tensors["train"], tensors["valid"], rcfg, cfg.train.method, logger, log, resume_path, resume,
+                   identity=identity, refit=True)
+    logger.close()
+    cache.remove(resume_path)
+    return out
+
+
+def validated_twin(cfg: Config) -> Path | None:
+    """For a --refit-test run, the folder of the same run without it, if it has finished (else None):
+    its model is this run's validation model (the refit changes only the test's), so its valid
+    numbers and best epoch are this run's, and only the refit is left to train."""
+    if not cfg.ft.refit_test:
+        return None
+    plain = copy.deepcopy(cfg)
+    plain.ft.refit_test = False
+    d = run_dir(plain)
+    return d if (d / "metrics.jsonl").exists() and finished(plain) else None
+
+
 def ranked_with_history_in(cfg: Config) -> Path | None:
     """For a --filter-seen fine-tuning run, the folder of the same run ranked with the history in,
     if it has finished (else None). --filter-seen changes only the final lists, not the training
     (early stopping and the fine-tuning's validation rank with the history in), so that run's
     fine-tuned model is this run's model, and retraining it would only cost time."""
-    if not cfg.train.filter_seen or cfg.train.method == "sft":
+    if not cfg.train.filter_seen or cfg.train.method == "sft" or cfg.ft.refit_test:  # (--refit-test: two models)
         return None
     plain = copy.deepcopy(cfg)
     plain.train.filter_seen = False
