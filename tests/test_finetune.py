@@ -313,3 +313,58 @@ def test_gfn_context_next_balances_augmented_items_on_the_context_after_the_obse
                                               0.0, cfg, "tb", None, append_item(hist, hl, target, cfg.data.max_his_len))
     assert parts["weight/mean"].item() == 1.0 and 0 < parts["loss/gfn"].item() < 50
     assert loss.item() == pytest.approx(parts["loss/gr"].item() + parts["loss/gfn"].item(), rel=1e-6)
+
+
+def test_refit_contexts_are_the_test_contexts_and_own_is_the_samples_own_history(toy_run):
+    """--refit-test's GFlowNet context is each user's test context (the newest training sample's
+    history, its item and the validation item); --gfn-context own is the sample's own history;
+    test_contexts refuses rows that are not each user's newest sample."""
+    from batches import to_tensors, trim
+    from data import DataError
+
+    cfg = finetune_config(toy_run, "gflowgr-tb", gfn_context="next", reward="rc")
+    splits = data_mod.split_leave_one_out(data_mod.load_dataset(cfg.data, verbose=False), cfg.data.max_his_len)
+    t = {k: to_tensors(splits[k], "cpu") for k in ("train", "valid", "test")}
+    last = finetune.last_contexts(t["train"], 1)
+    refit = finetune.test_contexts(last, t["valid"], cfg.data.max_his_len)
+    row = {int(u): i for i, u in enumerate(t["valid"]["user"])}
+    assert [int(v) for v in refit["after"][:5]] == [int(t["valid"]["target"][row[int(u)]]) for u in last["user"][:5]]
+    m = finetune.GFlowGR.__new__(finetune.GFlowGR)
+    m.cfg, m.after = cfg, refit["after"]
+    idx = torch.arange(8)
+    hl = last["hist_len"][idx]
+    hist, hist_len = m.context(idx, trim(last["hist"][idx], hl), hl, last["target"][idx])
+    test_row = torch.tensor([{int(u): i for i, u in enumerate(t["test"]["user"])}[int(u)] for u in last["user"][idx]])
+    assert torch.equal(hist_len, t["test"]["hist_len"][test_row])
+    assert torch.equal(hist, trim(t["test"]["hist"][test_row], hist_len))
+    cfg.ft.gfn_context = "own"
+    own_hist, own_len = m.context(idx, trim(last["hist"][idx], hl), hl, last["target"][idx])
+    assert torch.equal(own_len, hl) and torch.equal(own_hist, trim(last["hist"][idx], hl))
+    with pytest.raises(DataError, match="use it with --ft-last 1"):
+        finetune.test_contexts(finetune.last_contexts(t["train"], 2), t["valid"], cfg.data.max_his_len)
+
+
+def test_refit_test_keeps_the_validation_models_valid_numbers_and_refits_the_tests(toy_run):
+    """--refit-test: the valid numbers and best epoch are the run without it (reused from its folder),
+    the test numbers come from a second model fitted on the test contexts for that many epochs, and
+    reusing the twin gives what one process running both gives."""
+    cfg = finetune_config(toy_run, "gflowgr-tb", gfn_context="next", reward="rc", log_z="vargrad", sft_prior=True)
+    cfg.ft.ft_last, cfg.ft.ft_epochs = 1, 2
+    plain = run(copy.deepcopy(cfg), log=lambda *a: None)
+    cfg.ft.refit_test = True
+    lines = []
+    refit = run(copy.deepcopy(cfg), log=lines.append)
+    assert any("[reuse] gflowgr-tb: the validation model's numbers" in line for line in lines)
+    assert refit["valid"] == plain["valid"] and refit["test"] != plain["test"]
+    assert refit["finetune"]["refit"]["best_epoch"] == plain["finetune"]["best_epoch"]
+    d = run_dir(cfg)
+    assert d.name.endswith("+ctx-next+refit__seed42") and (d / "metrics_refit.jsonl").exists()
+    assert not any("eval/valid_ndcg@10" in line for line in (d / "metrics_refit.jsonl").read_text().splitlines())
+    # one process, no finished twin: the same numbers
+    import shutil
+    shutil.rmtree(run_dir(copy.deepcopy(cfg)))
+    twin = copy.deepcopy(cfg)
+    twin.ft.refit_test = False
+    shutil.rmtree(run_dir(twin))
+    again = run(copy.deepcopy(cfg), log=lambda *a: None)
+    assert again["valid"] == plain["valid"] and again["test"] == refit["test"]
