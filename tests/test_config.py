@@ -16,11 +16,17 @@ def test_method_presets_apply_to_their_method_alone():
 
     tb = parse_config(["--dataset", "beauty"])
     assert (tb.train.method, tb.ft.gfn_context, tb.sampler.n_candidates, tb.sampler.K) == ("gflowgr-tb", "next", 50, 50)
-    assert (tb.ft.target_weight, tb.ft.weight, tb.ft.lam, tb.ft.ft_lr) == (True, False, 1.0, 1e-3)
+    assert (tb.ft.target_weight, tb.ft.weight, tb.ft.lam, tb.ft.ft_lr, tb.ft.refit_test) == (True, False, 1.0, 1e-3, True)
+    # the preset's test refit goes where the next context goes: --gfn-context same has none, and no "refit-off" name
+    from config import run_dir
+    same = parse_config(["--dataset", "beauty", "--gfn-context", "same"])
+    assert not same.ft.refit_test and run_dir(same).name == "beauty__gflowgr-tb+ctx-same__seed42"
+    assert run_dir(parse_config(["--dataset", "beauty", "--no-refit-test"])).name == "beauty__gflowgr-tb+refit-off__seed42"
+    assert not with_method(parse_config(["--dataset", "beauty", "--method", "all", "--ft-last", "2"]), "gflowgr-tb").ft.refit_test
     for method in ("sft-continued", "sdpo", "gflowgr-db"):
         c = parse_config(["--dataset", "beauty", "--method", method])
-        assert (c.ft.gfn_context, c.sampler.K, c.ft.target_weight, c.ft.weight, c.ft.lam, c.ft.ft_lr) == \
-            ("same", 10, False, True, 0.03, 3e-4)
+        assert (c.ft.gfn_context, c.sampler.K, c.ft.target_weight, c.ft.weight, c.ft.lam, c.ft.ft_lr, c.ft.refit_test) == \
+            ("same", 10, False, True, 0.03, 3e-4, False)
         assert with_method(tb, method) == c  # switching the method is parsing with that method
         assert with_method(c, "gflowgr-tb") == tb
     assert parse_config(["--dataset", "toy"]).ft.gfn_context == "same"  # toy and Yelp: no method preset

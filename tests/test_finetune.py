@@ -368,3 +368,43 @@ def test_refit_test_keeps_the_validation_models_valid_numbers_and_refits_the_tes
     shutil.rmtree(run_dir(twin))
     again = run(copy.deepcopy(cfg), log=lambda *a: None)
     assert again["valid"] == plain["valid"] and again["test"] == refit["test"]
+
+
+def test_a_test_refit_killed_after_an_epoch_resumes_to_the_same_numbers(toy_run, monkeypatch):
+    """--refit-test's model is resumable: stopped right after its first epoch's resume state is
+    written, the same run continues from it (and says so) to the uninterrupted run's test numbers."""
+    import shutil
+
+    import cache
+
+    cfg = finetune_config(toy_run, "gflowgr-tb", gfn_context="next", reward="rc", log_z="vargrad", sft_prior=True)
+    cfg.ft.ft_last, cfg.ft.ft_epochs, cfg.train.tag = 1, 2, "kill"
+    run(copy.deepcopy(cfg), log=lambda *a: None)  # the twin without the refit: the validation model
+    twin = run_dir(cfg)
+    saved = json.loads((twin / "metrics.json").read_text())
+    saved["finetune"]["best_epoch"] = 2  # the refit trains what validation chose: here 2 epochs, so one resume state
+    (twin / "metrics.json").write_text(json.dumps(saved))
+    cfg.ft.refit_test = True
+    whole = run(copy.deepcopy(cfg), log=lambda *a: None)
+    shutil.rmtree(run_dir(cfg))
+
+    class Killed(Exception):
+        pass
+
+    real = cache.save
+
+    def save_then_die(obj, path):
+        real(obj, path)
+        if Path(path).name == "resume_refit.pt":
+            raise Killed
+
+    monkeypatch.setattr(cache, "save", save_then_die)
+    with pytest.raises(Killed):
+        run(copy.deepcopy(cfg), log=lambda *a: None)
+    monkeypatch.setattr(cache, "save", real)
+    assert (run_dir(cfg) / "resume_refit.pt").exists()
+    lines = []
+    again = run(copy.deepcopy(cfg), log=lines.append)
+    assert any(line.startswith("[resume] gflowgr-tb continues after epoch 1 of 2") for line in lines)
+    assert again["test"] == whole["test"] and again["valid"] == whole["valid"]
+    assert not (run_dir(cfg) / "resume_refit.pt").exists()
