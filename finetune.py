@@ -12,7 +12,10 @@ Read it top to bottom:
 
    Under `--gfn-context next` (ours, off) the GFlowNet term moves one item later, to the
    history with v appended (for a user's newest sample: the whole training sequence, which
-   has no label): only tau' there, L_GR stays on (U, v).
+   has no label): only tau' there, L_GR stays on (U, v). That context is the one validation
+   asks about; the test asks one item later, so `--refit-test` (Beauty's default) fits the
+   test's own model on the test contexts (`test_contexts`: the validation item appended, as
+   input only) for the epochs validation chose (pipeline.refit_for_test).
 
 2. `Method`: what the loop asks of a fine-tuning method (its loss for a batch, its extra
    parameters, a hook at each epoch, its state for resuming). `GFlowGR` wraps gflowgr_step;
