@@ -194,7 +194,9 @@ METHOD_PRESETS = {
     # The test's own model (--refit-test): the fit is bound to the context it is made on. The same
     # term one item before validation's context (--gfn-context own, as the default's fit is one item
     # before the test's) had valid NDCG@10 0.0467 on seed 42, SFT-continued's level (0.0465),
-    # against 0.0518 (BENCHMARKS.md, 2026-12-07, fourteenth).
+    # against 0.0518; with cross-fitted CMs (which remember neither context) 0.0470 against 0.0499.
+    # Refitted, test HR@10 / NDCG@10 0.0750 / 0.0410 over seeds 42/43/44 against 0.0707 / 0.0377
+    # (BENCHMARKS.md, 2026-12-07, fourteenth).
     "beauty": {"gflowgr-tb": {"ft.gfn_context": "next", "sampler.n_candidates": 50, "sampler.K": 50,
                               "ft.target_weight": True, "ft.weight": False, "ft.lam": 1.0, "ft.ft_lr": 1e-3,
                               "ft.refit_test": True}},
