@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,10 +59,11 @@ VARIANT_FIELDS = (("ft.reward", "reward-{}"), ("sampler.sampler", "sampler-{}"),
                   ("ft.history_floor", "hfloor{}"), ("ft.oracle_reward", "oracle"), ("ft.ft_last", "last{}"),
                   ("cm.crossfit", "crossfit{}"), ("ft.head_lr", "headlr{}"), ("ft.target_weight", "target-weight"),
                   ("ft.gfn_context", "ctx-{}"), ("ft.gfn_kd", "kd"), ("ft.policy_mix", "pmix{}"),
-                  ("ft.refit_test", "refit"))
+                  ("ft.refit_test", "refit"), ("ft.refit_epochs", "refit-warm{}"),
+                  ("ft.prefix_tree", "flat"))
 # Named for every fine-tuning method (each reads them): a learning-rate sweep must not land in the
 # default run's folder and replace it
-FINETUNE_VARIANT_FIELDS = (("ft.ft_lr", "ftlr{}"),)
+FINETUNE_VARIANT_FIELDS = (("ft.ft_lr", "ftlr{}"), ("ft.init_from", "init-{}"))
 RANKING_VARIANT = "history-out"  # --filter-seen: every method's run is named apart (its lists differ)
 
 
@@ -331,6 +333,8 @@ def config_from_dict(d: dict) -> Config:
                 setattr(sub, name, value)
     if "cm" in d and "loss" not in d["cm"]:
         cfg.cm.loss = "bce"  # runs from before --cm-loss trained their CM with SASRec's BCE
+    if "ft" in d and "prefix_tree" not in d["ft"]:
+        cfg.ft.prefix_tree = False  # runs from before --prefix-tree decoded every trajectory's prefixes apart
     return cfg
 
 
@@ -417,6 +421,16 @@ def finalize(cfg: Config) -> Config:
                         "(the newest training sample's next context plus the validation item): use it with --method "
                         f"gflowgr-tb or gflowgr-db, --gfn-context next and --ft-last 1 (got --method {t.method}, "
                         f"--gfn-context {ft.gfn_context}, --ft-last {ft.ft_last})")
+    if ft.refit_epochs < 0 or (ft.refit_epochs and not ft.refit_test):
+        raise DataError(f"--refit-epochs N continues the validation model N epochs on the test contexts: a number >= 1 with "
+                        f"--refit-test on, or 0 (got --refit-epochs {ft.refit_epochs}, --refit-test {'on' if ft.refit_test else 'off'})")
+    if ft.init_from:
+        if t.method == "sft" or ft.refit_test:
+            raise DataError("--init-from starts one fine-tuning from another run's model: use it with a fine-tuning --method "
+                            "and --no-refit-test (the test refit starts from the SFT checkpoint or the validation model)")
+        if not (Path(ft.init_from) / "checkpoint.pt").exists():
+            raise DataError(f"--init-from {ft.init_from}: no checkpoint.pt there; give the folder of a finished fine-tuning run "
+                            f"(runs/<dataset>__<method>...__seed<N>)")
     if ft.gfn_kd and (t.method != "gflowgr-tb" or ft.log_z != "vargrad"):
         raise DataError("--gfn-kd is a control of GFlowGR-TB with the closed-form log Z (whose optimum it shares): "
                         f"use it with --method gflowgr-tb --log-z vargrad (got --method {t.method} --log-z {ft.log_z})")
@@ -467,6 +481,8 @@ def variant(cfg: Config) -> str:
         value = get_field(cfg, dotted)
         if value != get_field(base, dotted):
             shown = "on" if value is True else "off" if value is False else f"{value:g}" if isinstance(value, float) else str(value)
+            if dotted == "ft.init_from":  # a folder: its name's digest keeps the run's name short
+                shown = hashlib.sha1(Path(value).name.encode()).hexdigest()[:8]
             named = fmt if "{}" in fmt or value != get_field(default, dotted) else fmt + "-off"  # back at the dataclass default
             parts.append(named.format(shown.replace(",", "-")))
     return "+".join(parts + tag)
@@ -531,14 +547,14 @@ def run_identity(cfg: Config) -> dict:
     distributed.key), not who asked for it or how fast it ran."""
     identity = {**asdict(cfg), "train": train_settings(cfg.train, NOT_RUN_SETTINGS)}
     # Settings a method never reads do not make its result: SFT, PPO, GRPO, SPRec, IPA and
-    # SFT-continued draw nothing from GFlowGR's sampler, and only GFlowGR raises its reward to beta
-    # and weighs a GFlowNet loss by lambda, so a change of those settings (a preset's, say) leaves
-    # those runs finished.
+    # SFT-continued draw nothing from GFlowGR's sampler, and only GFlowGR raises its reward to beta,
+    # weighs a GFlowNet loss by lambda and decodes a prefix tree, so a change of those settings (a
+    # preset's, say) leaves those runs finished.
     method = cfg.train.method
     if method == "sft" or (method in FINETUNE_TABLE and not FINETUNE_TABLE[method].needs_sampler(method)):
         del identity["sampler"]
     if method not in OBJECTIVE:
-        del identity["ft"]["reward_beta"], identity["ft"]["lam"]
+        del identity["ft"]["reward_beta"], identity["ft"]["lam"], identity["ft"]["prefix_tree"]
     for part in distributed.key():  # [] for one process: its identity is unchanged
         identity.update(part)
     return json.loads(json.dumps(identity))

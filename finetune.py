@@ -75,6 +75,8 @@ class FinetuneConfig:
     weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
     gfn_context: str = field(default="same", metadata={"help": "the context of Eq. (8)'s GFlowNet term: same (the paper: the observed item's context, the item as trajectory tau) | next (that context with the observed item appended, only augmented trajectories, r_c alone: for a user's newest training sample it is the whole training sequence, the context that has no label in the training part and that validation asks about; L_GR stays on the observed sample) | own (a diagnostic: the observed item's context as in same, but only augmented trajectories and r_c alone as in next: the GFlowNet term one item before the context validation asks about, as next's is one item before the test's)"})
     refit_test: bool = field(default=False, metadata={"help": "with --gfn-context next: the test split gets its own model, fine-tuned again from the SFT checkpoint with the GFlowNet term on the test contexts (each user's training sequence with the validation item appended, as input only: L_GR stays on the training samples) for the epochs validation chose; the valid numbers are the first model's. next fits the CM's tilt on the contexts validation asks about, and the test asks one item later"})
+    refit_epochs: int = field(default=0, metadata={"help": "with --refit-test: 0 fine-tunes the test's model from the SFT checkpoint for the epochs validation chose; N > 0 continues the validation model instead, N epochs on the test contexts (a fresh optimiser; about N / best epoch of the cost)"})
+    init_from: str = field(default="", metadata={"help": "a run folder: fine-tune from its fine-tuned model (checkpoint.pt) instead of the SFT checkpoint; the SFT prior and the preference baselines' reference stay the SFT model. A diagnostic: from a --gfn-context own run with --gfn-context next it is validation's analog of --refit-epochs (the fit moved one item later)"})
     gfn_kd: bool = field(default=False, metadata={"help": "a control, not the paper's: GFlowGR-TB's step with Eq. (6)'s squared log-ratio replaced by the cross-entropy of the policy, renormalised over each sample's trajectories, to the target's shares of them (losses.pool_kd_loss): the same target on the same pool, distilled instead of balanced"})
     target_weight: bool = field(default=False, metadata={"help": "multiply each trajectory's weight by the target's probability of it within its sample's 1 + K (losses.target_share): the fit goes where the target's mass is, the top of the list"})
     policy_mix: float = field(default=0.0, metadata={"help": "with --target-weight: the share a of the policy's own probability in the draw the weights stand for, M((1 - a) q_m + a p_m) (losses.policy_share): 0 the target alone, 1 on-policy; a mix also pushes down what the policy over-weights"})
@@ -86,6 +88,7 @@ class FinetuneConfig:
     sft_prior: bool = field(default=False, metadata={"help": "reward times the frozen SFT likelihood: target P_SFT(v|U) R^beta / Z(U)"})
     oracle_reward: bool = field(default=False, metadata={"help": "toy only, a control: r_c from the toy world's truth (1 for an unseen item of a taste cluster the history shows, else 0; collab.TasteOracle) instead of the CM"})
     rsim_dedup: bool = field(default=False, metadata={"help": "count the dedup (collision) token in r_sim too (default: semantic levels only)"})
+    prefix_tree: bool = field(default=True, metadata={"help": "decode each user's distinct ID prefixes once in GFlowGR's step (gflowgr.GRModel.tree_trajectories): the same log P_F up to float rounding, fewer decoder positions when the 1 + K trajectories share prefixes (the policy's own top-50 on Beauty: 96 distinct of 200, a 22%% faster step); dropout draws one mask per shared prefix. --no-prefix-tree: every trajectory's prefixes decoded apart, as before"})
     inspect_users: int = field(default=40, metadata={"help": "test users whose trajectories go into inspect.json"})
 
 
@@ -120,7 +123,7 @@ def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, c
     log_r = log_reward(rew["R"], floor=floor, beta=cfg.ft.reward_beta)  # (B, M)
     if prior is not None:
         with torch.no_grad():
-            log_r = log_r + prior.trajectories(hist, hist_len, items)[0].sum(-1)  # + log P_SFT(v | U)
+            log_r = log_r + prior.trajectories(hist, hist_len, items, tree=cfg.ft.prefix_tree)[0].sum(-1)  # + log P_SFT(v | U)
     return rew, log_r
 
 
@@ -186,7 +189,7 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
         r_c = torch.cat([r_c_obs, r_c_aug], 1)  # (B, M)
     else:
         items, r_c = aug, r_c_aug  # (B, M): augmented trajectories only
-    log_pf, h, mem, mask = model.trajectories(g_hist, g_len, items)  # (B, M, L), (B, M, L, d)
+    log_pf, h, mem, mask = model.trajectories(g_hist, g_len, items, tree=ft.prefix_tree)  # (B, M, L), (B, M, L, d)
     # Sec. 3.2: R = r_a + r_c + r_sim, and the log-reward the GFlowNet targets
     rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, g_hist, g_len, observed)  # (B, M)
     w = training_weights(rew["r_a"], r_c, log_r, ft, log_pf)  # (B, M): Eq. (8)'s weight (and --target-weight's)

@@ -102,15 +102,39 @@ class DecoderLayer(nn.Module):
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cross_kv, mem_mask):
+    def forward(self, x, cross_kv, mem_mask, ancestors=None):
         """Teacher-forced pass over all L prefixes at once. x: (B, L, d).
 
         cross_kv may hold U users' keys/values for B = U * M items, M consecutive items per user
         (U = 1: one user scored on all B items): the M*L prefixes of a user then become the query
         axis of that user's cross-attention, and the memory is neither copied nor projected M times.
+        ancestors (GRModel.tree_trajectories): x (B, W, d) holds a prefix tree's positions, and
+        each attends to its own path's positions (tree_self_attention) instead of the causal left.
         """
         h = self.ln1(x)
-        x = x + self.drop(self.self_attn(h, h, causal=True))
+        y = self.self_attn(h, h, causal=True) if ancestors is None else self.tree_self_attention(h, *ancestors)
+        x = x + self.drop(y)
+        return self.cross_and_ff(x, cross_kv, mem_mask)
+
+    def tree_self_attention(self, h, index, ok):
+        """Causal self-attention on a prefix tree: position w attends to index[:, w] (B, W, L), the
+        positions s_0..s_l of its own path (ok (B, W, L) False past its level), as scaled dot-product
+        attention with that mask would; each key/value is gathered, not a (W, W) score matrix."""
+        att = self.self_attn
+        B, W, L = index.shape
+        q = rearrange(att.q(h), "b w (h e) -> b w 1 h e", h=att.h)  # (B, W, 1, H, E)
+        kv = att.kv(h)  # (B, W, 2d)
+        # the path's keys and values, (B, W, L, H, E) each (gather: its backward adds without sorting)
+        kv = kv.gather(1, index.reshape(B, W * L, 1).expand(-1, -1, kv.shape[-1]))  # (B, W * L, 2d)
+        k, v = rearrange(kv, "b (w j) (two h e) -> two b w j h e", w=W, two=2, h=att.h)
+        w = (q * k).sum(-1) / math.sqrt(q.shape[-1])  # (B, W, L, H)
+        w = w.masked_fill(~ok[..., None], float("-inf")).softmax(2)
+        w = F.dropout(w, att.dropout, self.training)
+        y = (w[..., None] * v).sum(2)  # (B, W, H, E)
+        return att.o(rearrange(y, "b w h e -> b w (h e)"))
+
+    def cross_and_ff(self, x, cross_kv, mem_mask):
+        """The cross-attention to the history and the feed-forward block of forward."""
         q = self.ln2(x)
         n_users = cross_kv[0].shape[0]
         if n_users < x.shape[0]:
@@ -255,15 +279,21 @@ class GRModel(nn.Module):
         on_path = torch.zeros(hist.shape[0], n_nodes + 1, dtype=torch.bool, device=hist.device)
         return on_path.scatter_(1, nodes.flatten(1), True)[:, :n_nodes]
 
-    def trajectories(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor):
+    def trajectories(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor, tree: bool = False):
         """Per-step log P_F along the paths of M items per user (the user is encoded once).
 
         items (B, M) -> log_pf (B, M, L): log P_F(t_l | U, s_{l-1}) for l = 1..L;
         h (B, M, L, d): decoder states of s_0..s_{L-1} (where log F(s_l) is read);
         mem (B, S, d), mask (B, 1, 1, S): the encoded history (where log Z(U) is read).
+        tree: decode each user's distinct prefixes once (tree_trajectories): the same values up to
+        float rounding (dropout aside: a shared prefix gets one mask), fewer decoder positions when
+        the M items share prefixes (a beam's top-M do).
         """
         B, M = items.shape
         mem, mask = self.encode(hist, hist_len)
+        if tree:
+            log_pf, h = self.tree_trajectories(mem, mask, items, self.history_paths(hist))
+            return log_pf, h, mem, mask
         flat = items.flatten()  # (B*M,)
         h = self.decode(mem, mask, flat)  # (B*M, L, d): each user's keys/values projected once, for its M items
         nodes = self.trie_item_nodes[flat, : self.L]  # (B*M, L): s_0..s_{L-1}
@@ -271,6 +301,73 @@ class GRModel(nn.Module):
         log_pf_all = self.masked_log_pf(self.logits(h), nodes, on_path)  # (B*M, L, V)
         log_pf = log_pf_all.gather(2, self.item_codes[flat][..., None]).squeeze(2)  # (B*M, L)
         return log_pf.view(B, M, self.L), h.view(B, M, self.L, -1), mem, mask
+
+    def prefix_tree(self, items: torch.Tensor) -> list[dict]:
+        """The distinct prefixes of each user's M items, one block per level l = 0..L-1.
+
+        items (B, M). Block l: `node` (B, W_l) the trie nodes s_l of the user's items, each once,
+        padded with the root (`valid` False there); `token` (B, W_l) the level-(l-1) token that leads
+        into s_l (its code_emb row; l = 0 has none: BOS); `col` (B, M) the column of item m's s_l.
+        A beam's top-50 shares most of its prefixes: ~2x fewer positions than 50 x L (BENCHMARKS.md).
+        """
+        B, M = items.shape
+        n_nodes = self.trie_next_node.shape[0]
+        nodes = self.trie_item_nodes[items, : self.L]  # (B, M, L): s_0..s_{L-1}
+        codes = self.item_codes[items]  # (B, M, L)
+        rows = torch.arange(B, device=items.device)[:, None].expand(B, M)  # (B, M)
+        blocks = []
+        for level in range(self.L):
+            uniq, inverse = torch.unique(rows * n_nodes + nodes[..., level], return_inverse=True)  # sorted by user
+            user = uniq // n_nodes  # (N,)
+            counts = torch.bincount(user, minlength=B)  # (B,)
+            col_of = torch.arange(len(uniq), device=items.device) - (counts.cumsum(0) - counts)[user]  # (N,)
+            W = int(counts.max())
+            node = torch.zeros(B, W, dtype=torch.long, device=items.device)  # the root pads
+            node[user, col_of] = uniq % n_nodes
+            valid = torch.zeros(B, W, dtype=torch.bool, device=items.device)
+            valid[user, col_of] = True
+            col = col_of[inverse]  # (B, M)
+            token = torch.zeros(B, W, dtype=torch.long, device=items.device)
+            if level > 0:
+                token[rows, col] = codes[..., level - 1] + self.level_offset[level - 1]
+            blocks.append({"node": node, "token": token, "valid": valid, "col": col})
+        return blocks
+
+    def tree_trajectories(self, mem, mask, items: torch.Tensor, on_path=None):
+        """trajectories' log_pf (B, M, L) and h (B, M, L, d), each distinct prefix decoded once.
+
+        The decoder runs on the prefix_tree's blocks side by side, (B, W, d) with W = sum_l W_l;
+        a position's self-attention sees its own prefix's ancestors (the causal mask of one item's
+        path, shared by the items below it), its cross-attention the user's memory. Each level's
+        block is scored by that level's head, as decode + logits score position l.
+        """
+        B, M = items.shape
+        blocks = self.prefix_tree(items)
+        widths = [b["node"].shape[1] for b in blocks]
+        offsets = [sum(widths[:level]) for level in range(self.L)]
+        W = sum(widths)
+        rows = torch.arange(B, device=items.device)[:, None]  # (B, 1)
+        pos = torch.stack([offsets[l] + b["col"] for l, b in enumerate(blocks)], -1)  # (B, M, L): item m's s_l
+        # ancestors: s_l attends to s_0..s_l of its own path (a padding position to itself alone)
+        index = torch.arange(W, device=items.device).repeat(B, 1)[..., None].repeat(1, 1, self.L)  # (B, W, L)
+        ok = torch.zeros(B, W, self.L, dtype=torch.bool, device=items.device)
+        ok[..., 0] = True  # position j = 0 of every path: the root (padding: itself)
+        for level in range(1, self.L):
+            index[rows, pos[..., level]] = pos  # the path s_0..s_{L-1} of an item below: its first level + 1 are s_l's
+            ok[rows, pos[..., level], : level + 1] = True
+        x = torch.cat([self.bos.expand(B, 1, -1)] + [self.code_emb(b["token"]) for b in blocks[1:]], 1)  # (B, W, d)
+        level_of = torch.repeat_interleave(torch.arange(self.L, device=items.device), torch.tensor(widths, device=items.device))  # (W,)
+        x = self.drop(x + self.dec_pos(level_of))
+        for layer in self.dec_layers:
+            x = layer(x, layer.cross.project_kv(mem), mask, ancestors=(index, ok))
+        h = self.dec_ln(x)  # (B, W, d)
+        codes = self.item_codes[items]  # (B, M, L)
+        log_pf = []
+        for level, b in enumerate(blocks):
+            h_l = h[:, offsets[level]: offsets[level] + widths[level]]  # (B, W_l, d)
+            lp = self.masked_log_pf(self.logits(h_l, level), b["node"], on_path, level=level)  # (B, W_l, V)
+            log_pf.append(lp[rows, b["col"], codes[..., level]])  # (B, M)
+        return torch.stack(log_pf, -1), h[rows[..., None], pos]  # (B, M, L), (B, M, L, d)
 
     def forward(self, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor):
         """One target item per user: log_pf (B, L) = log P_F(t_l | U, s_{l-1}), h (B, L, d)."""

@@ -98,6 +98,12 @@ def run(cfg: Config, log=print) -> dict:
             cm = collab.cross_fitted(ds, splits, cfg.cm, Path(t.out) / ds.name, cm, device, log)
         timing["cm_s"] = time.time() - t0
         sft_model = copy.deepcopy(model).eval()
+        if cfg.ft.init_from:  # --init-from: this fine-tuning starts from another run's model (the prior stays SFT)
+            start = cache.load(Path(cfg.ft.init_from) / "checkpoint.pt", "--init-from's checkpoint", log, map_location=device)
+            if start is None:
+                raise data_mod.DataError(f"--init-from {cfg.ft.init_from}: its checkpoint.pt cannot be read; rerun that run")
+            model.load_state_dict(start["model"])
+            log(f"[init] {t.method} starts from the model of {cfg.ft.init_from}")
         tensors = {name: to_tensors(splits[name], device) for name in ("train", "valid", "test")}
         t0 = time.time()
         ranked_in = ranked_with_history_in(cfg)
@@ -107,6 +113,8 @@ def run(cfg: Config, log=print) -> dict:
             twin = json.loads((validated / "metrics.json").read_text())
             log(f"[reuse] {t.method}: the validation model's numbers of {validated} (its best epoch {twin['finetune']['best_epoch']})")
             ft_info = {k: v for k, v in twin["finetune"].items() if k != "refit"}
+            if cfg.ft.refit_epochs:  # the warm refit continues the validation model: the twin's
+                model.load_state_dict(cache.load(validated / "checkpoint.pt", "the validation model", log, map_location=device)["model"])
             if distributed.is_main():  # the validation model's curves
                 out_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(validated / "metrics.jsonl", out_dir / "metrics.jsonl.tmp")
@@ -122,7 +130,7 @@ def run(cfg: Config, log=print) -> dict:
             resume_path = out_dir / "resume.pt"
             resume = cache.load_resume(resume_path, run_identity(cfg), t.method, log)
             logger = JsonlLogger(out_dir / "metrics.jsonl", resume["log_bytes"] if resume else None)
-            log(f"[stage] {t.method}: {cfg.ft.ft_epochs} epochs from the SFT checkpoint")
+            log(f"[stage] {t.method}: {cfg.ft.ft_epochs} epochs from {'that model' if cfg.ft.init_from else 'the SFT checkpoint'}")
             heads, sampler, ft_info = finetune(model, cm, tensors["train"], tensors["valid"], cfg, t.method, logger, log,
                                                resume_path, resume, identity=run_identity(cfg))
             logger.close()
@@ -169,8 +177,8 @@ def run(cfg: Config, log=print) -> dict:
 
 def refit_for_test(model, sft_model, cm, tensors: dict, cfg: Config, ft_info: dict, out_dir: Path, log=print):
     """--refit-test: fine-tune model again from the SFT weights, the GFlowNet term on each user's test
-    context (finetune.test_contexts), for the epochs validation chose (ft_info["best_epoch"]); model
-    ends as that test model. Resumable (resume_refit.pt); logs to metrics_refit.jsonl. Returns the
+    context (finetune.test_contexts), for the epochs validation chose (ft_info["best_epoch"]); under
+    --refit-epochs N, model (the validation model) goes on for N epochs instead. model ends as that test model. Resumable (resume_refit.pt); logs to metrics_refit.jsonl. Returns the
     heads, the sampler and the refit's info.
 
     Under --gfn-context next the first model fitted the CM's tilt on the contexts validation asks
@@ -178,13 +186,16 @@ def refit_for_test(model, sft_model, cm, tensors: dict, cfg: Config, ft_info: di
     item stale. The refit gives the test what validation had; L_GR stays on the training samples.
     """
     rcfg = copy.deepcopy(cfg)
-    rcfg.ft.ft_epochs = int(ft_info["best_epoch"])
-    model.load_state_dict(sft_model.state_dict())
+    warm = cfg.ft.refit_epochs > 0  # --refit-epochs N: model (the validation model) goes on for N epochs
+    rcfg.ft.ft_epochs = cfg.ft.refit_epochs if warm else int(ft_info["best_epoch"])
+    if not warm:
+        model.load_state_dict(sft_model.state_dict())
     identity = {**run_identity(cfg), "refit_epochs": rcfg.ft.ft_epochs}
     resume_path = out_dir / "resume_refit.pt"
     resume = cache.load_resume(resume_path, identity, "the test refit", log)
     logger = JsonlLogger(out_dir / "metrics_refit.jsonl", resume["log_bytes"] if resume else None)
-    log(f"[stage] {cfg.train.method} test refit: {rcfg.ft.ft_epochs} epochs from the SFT checkpoint on the test contexts")
+    log(f"[stage] {cfg.train.method} test refit: {rcfg.ft.ft_epochs} epochs from the "
+        f"{'validation model' if warm else 'SFT checkpoint'} on the test contexts")
     out = finetune(model, cm, tensors["train"], tensors["valid"], rcfg, cfg.train.method, logger, log, resume_path, resume,
                    identity=identity, refit=True)
     logger.close()
@@ -199,9 +210,10 @@ def validated_twin(cfg: Config) -> Path | None:
     if not cfg.ft.refit_test:
         return None
     plain = copy.deepcopy(cfg)
-    plain.ft.refit_test = False
+    plain.ft.refit_test, plain.ft.refit_epochs = False, 0
     d = run_dir(plain)
-    return d if (d / "metrics.jsonl").exists() and finished(plain) else None
+    need = ("metrics.jsonl", "checkpoint.pt") if cfg.ft.refit_epochs else ("metrics.jsonl",)
+    return d if all((d / n).exists() for n in need) and finished(plain) else None
 
 
 def ranked_with_history_in(cfg: Config) -> Path | None:

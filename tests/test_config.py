@@ -35,3 +35,20 @@ def test_method_presets_apply_to_their_method_alone():
     assert (with_method(every, "gflowgr-tb").ft.ft_lr, with_method(every, "gflowgr-tb").sampler.K) == (2e-3, 5)
     assert with_method(every, "gflowgr-tb").sampler.n_candidates == 50  # not given: GFlowGR-TB's own
     assert (with_method(every, "dpo").ft.ft_lr, with_method(every, "dpo").sampler.n_candidates) == (2e-3, 10)
+
+
+def test_runs_written_before_the_prefix_tree_read_as_flat_and_are_named_so():
+    """--prefix-tree is the default now; a run whose config.json predates the field decoded every
+    trajectory apart, so it reads back as --no-prefix-tree and its folder name says "flat"."""
+    from dataclasses import asdict
+
+    from config import config_from_dict, run_dir
+
+    cfg = parse_config(["--dataset", "beauty"])
+    assert cfg.ft.prefix_tree and run_dir(cfg).name == "beauty__gflowgr-tb__seed42"
+    old = asdict(cfg)
+    del old["ft"]["prefix_tree"]
+    back = config_from_dict(old)
+    assert not back.ft.prefix_tree and run_dir(back).name == "beauty__gflowgr-tb+flat__seed42"
+    assert run_dir(parse_config(["--dataset", "beauty", "--method", "sft-continued", "--no-prefix-tree"])).name == \
+        "beauty__sft-continued__seed42"  # a setting SFT-continued never reads is not in its name

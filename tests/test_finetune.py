@@ -408,3 +408,61 @@ def test_a_test_refit_killed_after_an_epoch_resumes_to_the_same_numbers(toy_run,
     assert any(line.startswith("[resume] gflowgr-tb continues after epoch 1 of 2") for line in lines)
     assert again["test"] == whole["test"] and again["valid"] == whole["valid"]
     assert not (run_dir(cfg) / "resume_refit.pt").exists()
+
+
+def starting_weights(monkeypatch):
+    """Record a weight of the model each pipeline.finetune call starts from: [(refit, tensor)]."""
+    import pipeline
+
+    seen, real = [], pipeline.finetune
+
+    def spy(model, *args, **kw):
+        seen.append((kw.get("refit", False), model.head.detach().clone()))
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "finetune", spy)
+    return seen
+
+
+def saved_head(folder):
+    return torch.load(folder / "checkpoint.pt", weights_only=False)["model"]["head"]
+
+
+def test_a_warm_refit_continues_the_validation_model_for_its_own_epochs(toy_run, monkeypatch):
+    """--refit-epochs N: the test's model starts from the validation model (the finished twin's
+    checkpoint, or the model this process just validated), not from SFT, and trains N epochs."""
+    cfg = finetune_config(toy_run, "gflowgr-tb", gfn_context="next", reward="rc", log_z="vargrad", sft_prior=True)
+    cfg.ft.ft_last, cfg.ft.ft_epochs, cfg.train.tag = 1, 2, "warm"
+    plain = run(copy.deepcopy(cfg), log=lambda *a: None)
+    twin = run_dir(cfg)
+    seen = starting_weights(monkeypatch)
+    cfg.ft.refit_test, cfg.ft.refit_epochs = True, 1
+    warm = run(copy.deepcopy(cfg), log=lambda *a: None)
+    assert [r for r, _ in seen] == [True] and torch.equal(seen[0][1], saved_head(twin))
+    assert warm["valid"] == plain["valid"] and warm["finetune"]["refit"]["best_epoch"] == 1
+    assert run_dir(cfg).name.endswith("+refit+refit-warm1+warm__seed42")
+    rows = [json.loads(line) for line in (run_dir(cfg) / "metrics_refit.jsonl").read_text().splitlines()]
+    assert max(r["epoch"] for r in rows) == 1
+    # without the finished twin: the validation model of this very process
+    import shutil
+    shutil.rmtree(run_dir(cfg))
+    shutil.rmtree(twin)
+    seen.clear()
+    again = run(copy.deepcopy(cfg), log=lambda *a: None)
+    assert [r for r, _ in seen] == [False, True] and not torch.equal(seen[1][1], seen[0][1])  # not SFT again
+    assert again["valid"] == plain["valid"] and again["test"] == warm["test"]
+
+
+def test_init_from_starts_the_fine_tuning_from_that_runs_model(toy_run, monkeypatch):
+    """--init-from FOLDER: the fine-tuning starts from that run's fine-tuned model, not from SFT."""
+    cfg = finetune_config(toy_run, "sft-continued")
+    cfg.train.tag = "src"
+    run(copy.deepcopy(cfg), log=lambda *a: None)
+    src = run_dir(cfg)
+    seen = starting_weights(monkeypatch)
+    cfg.train.tag, cfg.ft.init_from = "", str(src)
+    lines = []
+    run(copy.deepcopy(cfg), log=lines.append)
+    assert torch.equal(seen[0][1], saved_head(src))
+    assert any(line.startswith(f"[init] sft-continued starts from the model of {src}") for line in lines)
+    assert "+init-" in run_dir(cfg).name

@@ -204,3 +204,38 @@ def test_trajectories_project_each_users_memory_once_and_match_one_item_per_row(
     assert torch.allclose(log_pf.view(B * M, -1), copied, atol=1e-5)
     assert torch.allclose(grad, grad_copied, atol=1e-4)
     assert grad.abs().sum() > 0
+
+
+def test_prefix_tree_lists_each_users_distinct_prefixes_once():
+    """Two users: user 0's items share the root and one first token; user 1 asks for one item twice."""
+    model, trie = copy_world()  # codes 00, 01, 10, 20 (+ no dedup level: L = 2)
+    items = torch.tensor([[0, 1, 2], [3, 3, 3]])
+    blocks = model.prefix_tree(items)
+    assert [b["valid"].sum(1).tolist() for b in blocks] == [[1, 1], [2, 1]]  # s_0: the root; s_1: {0, 1} and {2}
+    root, level1 = blocks
+    assert root["col"].tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert level1["col"][0, 0] == level1["col"][0, 1] != level1["col"][0, 2]  # items 00 and 01 share prefix 0
+    assert (level1["token"][0, level1["col"][0]] == torch.tensor([0, 0, 1])).all()  # the level-0 token into s_1
+    assert torch.equal(level1["node"][0, level1["col"][0]], trie.item_nodes[items[0], 1])
+
+
+@pytest.mark.parametrize("copy_bonus", [False, True])
+def test_tree_trajectories_equal_the_flat_pass_and_its_gradient(copy_bonus):
+    """Decoding each distinct prefix once (tree=True) gives every item's log P_F, decoder states
+    and gradients of the flat pass, also when items repeat and users differ in history length."""
+    model, trie, hist, hist_len = tiny_world()
+    if copy_bonus:
+        copy = GRModel(ModelConfig(**{**model.cfg.__dict__, "copy_bonus": True}), trie).eval()
+        copy.load_state_dict({**model.state_dict(), "copy_bias": torch.tensor([0.7, 2.5, 1.0])})
+        model = copy
+    B, M = hist.shape[0], 12
+    items = torch.randint(0, model.item_codes.shape[0], (B, M), generator=torch.Generator().manual_seed(1))
+    items[:, -1] = items[:, 0]  # a repeated item
+    flat, h_flat, _, _ = model.trajectories(hist, hist_len, items)
+    tree, h_tree, _, _ = model.trajectories(hist, hist_len, items, tree=True)
+    assert torch.allclose(tree, flat, atol=1e-5) and torch.allclose(h_tree, h_flat, atol=1e-5)
+    params = [model.dec_layers[0].self_attn.q.weight, model.head, model.enc_layers[0].ff[0].weight]
+    g_flat = torch.autograd.grad(flat.sum() + h_flat.square().mean(), params)
+    g_tree = torch.autograd.grad(tree.sum() + h_tree.square().mean(), params)
+    for a, b in zip(g_flat, g_tree):
+        assert torch.allclose(a, b, atol=1e-4) and a.abs().sum() > 0
