@@ -84,10 +84,7 @@ def run(cfg: Config, log=print) -> dict:
     if t.method == "sft":
         result.update(test=sft_ev["test"], valid=sft_ev["valid"])
         ckpt_src, inspect = stage / "checkpoint.pt", None
-        if distributed.is_main():  # torchrun: rank 0 alone writes
-            out_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(stage / "metrics.jsonl", out_dir / "metrics.jsonl.tmp")
-            os.replace(out_dir / "metrics.jsonl.tmp", out_dir / "metrics.jsonl")
+        copy_curves(stage, out_dir)
     else:
         t0 = time.time()
         cm, cm_info = collab.load_or_train(ds, splits, cfg.cm, Path(t.out) / ds.name, device, log)
@@ -115,17 +112,11 @@ def run(cfg: Config, log=print) -> dict:
             ft_info = {k: v for k, v in twin["finetune"].items() if k != "refit"}
             if cfg.ft.refit_epochs:  # the warm refit continues the validation model: the twin's
                 model.load_state_dict(cache.load(validated / "checkpoint.pt", "the validation model", log, map_location=device)["model"])
-            if distributed.is_main():  # the validation model's curves
-                out_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(validated / "metrics.jsonl", out_dir / "metrics.jsonl.tmp")
-                os.replace(out_dir / "metrics.jsonl.tmp", out_dir / "metrics.jsonl")
+            copy_curves(validated, out_dir)  # the validation model's curves
             inspect = None
         elif reused is not None:  # --filter-seen: the same run ranked with the history in has the model
             heads, ft_info, inspect = reused
-            if distributed.is_main():
-                out_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(ranked_in / "metrics.jsonl", out_dir / "metrics.jsonl.tmp")
-                os.replace(out_dir / "metrics.jsonl.tmp", out_dir / "metrics.jsonl")
+            copy_curves(ranked_in, out_dir)
         else:
             resume_path = out_dir / "resume.pt"
             resume = cache.load_resume(resume_path, run_identity(cfg), t.method, log)
@@ -173,6 +164,15 @@ def run(cfg: Config, log=print) -> dict:
     log("\n" + format_table([(split, name, m[split]) for split in ("test", "valid") for name, m in rows.items()]))
     log(f"\nrun folder: {out_dir}   total {timing['total_s']:.0f}s")
     return result
+
+
+def copy_curves(src: Path, out_dir: Path) -> None:
+    """Copy the metrics.jsonl of src (a cached stage or a reused run) into out_dir, atomically; under
+    torchrun rank 0 alone writes."""
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / "metrics.jsonl", out_dir / "metrics.jsonl.tmp")
+        os.replace(out_dir / "metrics.jsonl.tmp", out_dir / "metrics.jsonl")
 
 
 def refit_for_test(model, sft_model, cm, tensors: dict, cfg: Config, ft_info: dict, out_dir: Path, log=print):
