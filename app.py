@@ -6,10 +6,10 @@ over P_GR); the semantic-ID prefix tree coloured by the forward policy P_F(t_l |
 P_F, log F(s_l) (Eq. 5) and log Z(U) + sum_l log P_F vs log R (Eq. 6) along the observed and
 augmented trajectories; the reward R = r_a + r_c + r_sim (Sec. 3.2) and the Eq. (8) weight;
 the user's whole distribution over items under SFT and the fine-tuned model; and the training
-curves, including the sampler's curriculum (Sec. 3.1).
+curves, including the sampler's curriculum (Sec. 3.1), and a --refit-test run's test model dashed.
 
 Everything is read from `runs/` (env GFLOWGR_RUNS overrides): the run's config.json,
-metrics.json, metrics.jsonl and checkpoint.pt, the cached SFT stage and the cached CM. The app
+metrics.json, metrics.jsonl (and metrics_refit.jsonl) and checkpoint.pt, the cached SFT stage and the cached CM. The app
 never trains; per-user numbers are computed live, so any test user can be inspected.
 
 One concept at ~620 lines: a Streamlit page is one script; each panel is one function
@@ -23,7 +23,7 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +92,7 @@ class Bundle:
     cm: object | None
     metrics: dict
     curves: list
+    refit_curves: list = field(default_factory=list)  # --refit-test: the test model's training (metrics_refit.jsonl)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -158,18 +159,23 @@ def load_bundle(run_dir: Path) -> Bundle:
         cm.cfg.score = cfg.cm.score  # the run's r_c mapping (not part of the CM's training)
         if cfg.ft.oracle_reward:  # the run was rewarded by the toy world's truth: show that r_c
             cm = collab.TasteOracle(ds.item_cluster, cm.cfg)
-    curves = []
-    if (run_dir / "metrics.jsonl").exists():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                curves.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by an interrupted write: skip it
-                pass
     test = to_tensors(splits["test"], "cpu")
     return Bundle(name=run_dir.name, method=info["method"], objective=OBJECTIVE.get(info["base"]), cfg=cfg,
                   titles=ds.titles, attributes=ds.attributes, test=test,
                   user_to_sample={int(u): i for i, u in enumerate(test["user"].tolist())},
-                  model=model, sft_model=sft_model, heads=heads, cm=cm, metrics=metrics, curves=curves)
+                  model=model, sft_model=sft_model, heads=heads, cm=cm, metrics=metrics,
+                  curves=read_curves(run_dir / "metrics.jsonl"), refit_curves=read_curves(run_dir / "metrics_refit.jsonl"))
+
+
+def read_curves(path: Path) -> list:
+    """The rows of a metrics.jsonl ([] if there is none); a line cut by an interrupted write is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
 
 
 @torch.no_grad()
@@ -533,7 +539,8 @@ def panel_training(b: Bundle) -> None:
               ("Curriculum: mean CM score of the sampled augmented items", ["sampler/cm_score"], "explain_cur"),
               ("Validation per epoch", [k for k in ("eval/valid_hr@10", "eval/valid_ndcg@10", "eval/valid_hr@5",
                                                     "eval/valid_ndcg@5")], "explain_val")]
-    text = {"explain_loss": "L_GR (Eq. 1), the weighted GFlowNet term lambda sum w L_GFN (Eq. 8), or a baseline's loss, per logged step.",
+    text = {"explain_loss": "L_GR (Eq. 1), the weighted GFlowNet term lambda sum w L_GFN (Eq. 8), or a baseline's loss, per logged "
+                            "step. Dashed (a --refit-test run): the test's own model, fitted again on the test contexts.",
             "explain_z": "The TB normaliser log Z(U) averaged over the batch (a scalar with --log-z scalar).",
             "explain_res": "How far Eq. (6) is from balance during training, for the observed trajectory tau and the "
                            "augmented ones tau' (DB: telescoped, log Z = log F(s_0)). A balanced GFlowNet has both near 0.",
@@ -550,9 +557,13 @@ def panel_training(b: Bundle) -> None:
         if not ks:
             continue
         fig = go.Figure()
-        for k in ks:
-            pts = [(r["step"], r[k]) for r in curves if k in r and r[k] is not None]
-            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers" if "eval" in k else "lines", name=k))
+        # --refit-test: the test model's own training, dashed (it has no validation curve)
+        for rows, suffix, dash in ((curves, "", None), (b.refit_curves, " (test refit)", "dash")):
+            for k in ks:
+                pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
+                if pts:
+                    fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=k + suffix, line=dict(dash=dash),
+                                             mode="lines+markers" if "eval" in k else "lines"))
         fig.update_layout(title=title, xaxis_title="step", height=300, margin=dict(t=40))
         if (title == "Losses" and len(ks) > 1) or title.startswith("Gradient"):
             fig.update_layout(yaxis_type="log")

@@ -222,3 +222,22 @@ def test_an_oracle_rewarded_run_shows_the_truths_r_c(app_runs, tmp_path):
     assert isinstance(b.cm, collab.TasteOracle)
     r_c = [t["r_c"] for t in app.user_view(b, 0)["trajectories"]]
     assert len(r_c) > 1 and set(r_c) <= {0.0, 1.0}
+
+
+def test_the_training_panel_draws_a_test_refits_curves_dashed(monkeypatch, app_runs, tmp_path):
+    """A --refit-test run's metrics_refit.jsonl (the test model's training) is drawn beside the
+    validation model's curves, dashed and named '(test refit)'; a cut last line is skipped."""
+    import shutil
+
+    d = tmp_path / "runs"
+    shutil.copytree(app_runs, d)
+    rows = [json.loads(line) for line in (d / RUN / "metrics.jsonl").read_text().splitlines()]
+    with_loss = [r for r in rows if "loss/gr" in r]
+    (d / RUN / "metrics_refit.jsonl").write_text("".join(json.dumps({**r, "loss/gr": 123.0}) + "\n" for r in with_loss) + '{"step": 9')
+    b = app.load_bundle(d / RUN)
+    assert len(b.refit_curves) == len(with_loss) and all(r["loss/gr"] == 123.0 for r in b.refit_curves)
+    assert app.load_bundle(app_runs / RUN).refit_curves == []
+    at = start(monkeypatch, d)
+    assert not at.exception
+    charts = " ".join(str(c.proto.spec) for c in at.get("plotly_chart")).replace("\\u002f", "/")  # the JSON escapes '/'
+    assert "loss/gr (test refit)" in charts and '"dash":"dash"' in charts.replace(" ", "")
