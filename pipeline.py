@@ -111,7 +111,11 @@ def run(cfg: Config, log=print) -> dict:
             log(f"[reuse] {t.method}: the validation model's numbers of {validated} (its best epoch {twin['finetune']['best_epoch']})")
             ft_info = {k: v for k, v in twin["finetune"].items() if k != "refit"}
             if cfg.ft.refit_epochs:  # the warm refit continues the validation model: the twin's
-                model.load_state_dict(cache.load(validated / "checkpoint.pt", "the validation model", log, map_location=device)["model"])
+                ckpt = cache.load(validated / "checkpoint.pt", "the validation model", log, map_location=device)
+                if ckpt is None:
+                    raise data_mod.DataError(f"--refit-epochs continues the validation model of {validated}, whose checkpoint.pt "
+                                             f"cannot be read: delete that folder to train it again")
+                model.load_state_dict(ckpt["model"])
             copy_curves(validated, out_dir)  # the validation model's curves
             inspect = None
         elif reused is not None:  # --filter-seen: the same run ranked with the history in has the model
