@@ -296,8 +296,9 @@ class Method:
     inner_steps = 1  # optimiser steps per batch (PPO: several)
     warmup = 0  # first steps in which the backbone stays frozen and only `parameters()` train
 
-    def __init__(self, name: str, model: GRModel, heads: GFlowNetHeads, cm, sampler, cfg, train_t: dict):
+    def __init__(self, name: str, model: GRModel, heads: GFlowNetHeads, cm, sampler, cfg, train_t: dict, sft: GRModel):
         self.name, self.model, self.heads, self.cm, self.sampler, self.cfg = name, model, heads, cm, sampler, cfg
+        self.sft = sft  # the SFT model (not trained): GFlowGR's prior, the baselines' reference
 
     @classmethod
     def needs_sampler(cls, name: str) -> bool:
@@ -340,13 +341,13 @@ class GFlowGR(Method):
     """GFlowGR-TB / GFlowGR-DB: Eq. (8) by gflowgr_step, with the log Z / log F heads."""
     uses_sampler = True
 
-    def __init__(self, name, model, heads, cm, sampler, cfg, train_t):
-        super().__init__(name, model, heads, cm, sampler, cfg, train_t)
+    def __init__(self, name, model, heads, cm, sampler, cfg, train_t, sft):
+        super().__init__(name, model, heads, cm, sampler, cfg, train_t, sft)
         self.objective = OBJECTIVE[name]
         self.user = train_t["user"]  # (N,) each training sample's user: --cm-crossfit scores it with the CM that never saw them
         self.after = train_t.get("after")  # (N,) --refit-test: the item after each sample's target (see test_contexts)
         ft = cfg.ft
-        self.prior = copy.deepcopy(model).eval() if ft.sft_prior else None  # the frozen SFT model
+        self.prior = copy.deepcopy(sft).eval() if ft.sft_prior else None  # the frozen SFT model
         # The heads start untrained: their first, huge residuals would flow into the SFT backbone
         # and undo it (on toy, valid HR@10 fell from 0.52 to 0.12 in the first epoch). So the
         # backbone waits `head_warmup` steps while log Z / log F catch up.
@@ -394,8 +395,8 @@ class GFlowGR(Method):
 class Preference(Method):
     """A Table 1 baseline of baselines.py (DPO, S-DPO, SPRec, IPA, GRPO, PPO), from the same SFT start."""
 
-    def __init__(self, name, model, heads, cm, sampler, cfg, train_t):
-        super().__init__(name, model, heads, cm, sampler, cfg, train_t)
+    def __init__(self, name, model, heads, cm, sampler, cfg, train_t, sft):
+        super().__init__(name, model, heads, cm, sampler, cfg, train_t, sft)
         t, ft = cfg.train, cfg.ft
 
         def propose(m, n):  # the model's own top-n items for every training sample (SPRec, IPA)
@@ -403,7 +404,7 @@ class Preference(Method):
             m.train()
             return items
 
-        self.baseline = Baseline(name, model, copy.deepcopy(model).eval(), cm, sampler, cfg.bl, tuple(ft.reward.split(",")),
+        self.baseline = Baseline(name, model, copy.deepcopy(sft).eval(), cm, sampler, cfg.bl, tuple(ft.reward.split(",")),
                                  None if ft.rsim_dedup else cfg.tok.levels, len(train_t["target"]), propose,
                                  seed=distributed.rank_seed(t.seed))  # per-sample draws: each rank its own stream
         for p in self.baseline.parameters():
@@ -448,7 +449,8 @@ METHODS: dict[str, type[Method]] = {
 
 
 def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str, logger: JsonlLogger, log=print,
-             resume_path: Path | None = None, resume: dict | None = None, identity=None, refit: bool = False):
+             resume_path: Path | None = None, resume: dict | None = None, identity=None, refit: bool = False,
+             sft: GRModel | None = None):
     """Fine-tune the SFT backbone with `method` for ft_epochs; keep the epoch with the best valid NDCG@10.
 
     refit (--refit-test's second model): the GFlowNet term on the test contexts (test_contexts), no
@@ -458,7 +460,9 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str,
     the whole state (backbone, heads, the method's own state, optimiser, schedule, batch order,
     sampler and other random generators, best epoch) is saved atomically to resume_path with
     `identity` (the run's configuration); `resume` (that state, loaded) continues from it to
-    the same result. Returns the GFlowNet heads, the sampler (None if the method has none) and
+    the same result. sft: the SFT model, GFlowGR's frozen prior and the baselines' reference
+    (default: model, which is the SFT model unless --init-from or --refit-epochs started it
+    elsewhere). Returns the GFlowNet heads, the sampler (None if the method has none) and
     the run's info (best epoch, seconds, samples/s).
     """
     t, ft = cfg.train, cfg.ft
@@ -476,7 +480,7 @@ def finetune(model: GRModel, cm, train_t: dict, valid_t: dict, cfg, method: str,
     # torchrun: the sampler draws per sample, so each rank has its own stream (distributed.rank_seed)
     sampler = (TrajectorySampler(cm, model.item_codes.shape[0], cfg.sampler, seed=distributed.rank_seed(t.seed))
                if cls.needs_sampler(method) else None)
-    m = cls(method, model, heads, cm, sampler, cfg, train_t)
+    m = cls(method, model, heads, cm, sampler, cfg, train_t, model if sft is None else sft)
     extra_params = m.parameters()
     # the method's own parameters (log Z / log F heads, PPO's value head) get their own, larger learning rate
     groups = [{"params": model.parameters(), "lr": ft.ft_lr, "weight_decay": t.weight_decay}]

@@ -127,7 +127,7 @@ def run(cfg: Config, log=print) -> dict:
             logger = JsonlLogger(out_dir / "metrics.jsonl", resume["log_bytes"] if resume else None)
             log(f"[stage] {t.method}: {cfg.ft.ft_epochs} epochs from {'that model' if cfg.ft.init_from else 'the SFT checkpoint'}")
             heads, sampler, ft_info = finetune(model, cm, tensors["train"], tensors["valid"], cfg, t.method, logger, log,
-                                               resume_path, resume, identity=run_identity(cfg))
+                                               resume_path, resume, identity=run_identity(cfg), sft=sft_model)
             logger.close()
             inspect = None
         timing["finetune_s"] = time.time() - t0
@@ -201,7 +201,7 @@ def refit_for_test(model, sft_model, cm, tensors: dict, cfg: Config, ft_info: di
     log(f"[stage] {cfg.train.method} test refit: {rcfg.ft.ft_epochs} epochs from the "
         f"{'validation model' if warm else 'SFT checkpoint'} on the test contexts")
     out = finetune(model, cm, tensors["train"], tensors["valid"], rcfg, cfg.train.method, logger, log, resume_path, resume,
-                   identity=identity, refit=True)
+                   identity=identity, refit=True, sft=sft_model)
     logger.close()
     cache.remove(resume_path)
     return out

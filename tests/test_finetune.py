@@ -448,9 +448,18 @@ def test_a_warm_refit_continues_the_validation_model_for_its_own_epochs(toy_run,
     shutil.rmtree(run_dir(cfg))
     shutil.rmtree(twin)
     seen.clear()
+    priors, real_init = [], finetune.GFlowGR.__init__
+
+    def init(self, *a, **k):  # the frozen prior each GFlowGR model is built with
+        real_init(self, *a, **k)
+        priors.append(self.prior.head.detach().clone())
+
+    monkeypatch.setattr(finetune.GFlowGR, "__init__", init)
     again = run(copy.deepcopy(cfg), log=lambda *a: None)
     assert [r for r, _ in seen] == [False, True] and not torch.equal(seen[1][1], seen[0][1])  # not SFT again
     assert again["valid"] == plain["valid"] and again["test"] == warm["test"]
+    # the target's P_SFT stays the SFT model's when the model starts from the validation model
+    assert len(priors) == 2 and all(torch.equal(p, seen[0][1]) for p in priors)
 
 
 def test_init_from_starts_the_fine_tuning_from_that_runs_model(toy_run, monkeypatch):
