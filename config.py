@@ -387,6 +387,9 @@ def finalize(cfg: Config) -> Config:
         raise DataError(f"unknown sampler {sp.sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if sp.candidates not in CANDIDATES:
         raise DataError(f"unknown --candidates {sp.candidates!r}: choose one of {', '.join(CANDIDATES)}")
+    if sp.candidates == "prior" and t.method in ("dpo", "sdpo", "all"):
+        raise DataError(f"--candidates prior is GFlowGR's pool (the frozen SFT model's top-N, searched once per context); "
+                        f"--method {t.method} draws from the sampler without it: use --candidates policy")
     if not 0 < ft.reward_floor < 1:
         raise DataError(f"--reward-floor must be in (0, 1) (got {ft.reward_floor}): log R needs R > 0")
     if not 0 <= ft.history_floor < 1:

@@ -97,8 +97,30 @@ class FinetuneConfig:
 # ----------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def prior_log_p(prior: GRModel, hist: torch.Tensor, hist_len: torch.Tensor, items: torch.Tensor, tree: bool = True,
+                known: tuple | None = None) -> torch.Tensor:
+    """log P_SFT(v | U) = sum_l log P_F of the frozen SFT model, for items (B, M): (B, M).
+
+    known (--candidates prior): (top (B, N), log_p (B, N)), the prior's own top-N of these
+    contexts with their beam-search log-probabilities, searched once per context before the first
+    epoch (GFlowGR.proposals). An item found there is read from it; only rows holding an item
+    outside it (the sampler's redraws of v) are decoded.
+    """
+    if known is None:
+        return prior.trajectories(hist, hist_len, items, tree=tree)[0].sum(-1)
+    top, top_log_p = known
+    found = items[:, :, None] == top[:, None, :]  # (B, M, N)
+    out = torch.where(found, top_log_p[:, None, :], 0.0).sum(-1)  # (B, M)
+    miss = ~found.any(-1).all(-1)  # (B,) rows with an item outside the top-N
+    if bool(miss.any()):
+        out[miss] = prior.trajectories(hist[miss], hist_len[miss], items[miss], tree=tree)[0].sum(-1)
+    return out
+
+
 def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, cfg, prior: GRModel | None = None,
-                       hist: torch.Tensor | None = None, hist_len: torch.Tensor | None = None, observed: bool = True):
+                       hist: torch.Tensor | None = None, hist_len: torch.Tensor | None = None, observed: bool = True,
+                       known: tuple | None = None):
     """Sec. 3.2 reward of items (B, M) (column 0 observed) and the log-reward the GFlowNet targets, each (B, M).
 
     observed=False (--gfn-context next): every column is augmented (r_a = 0); only r_c applies.
@@ -110,7 +132,7 @@ def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, c
 
     prior (--sft-prior; needs hist, hist_len): the frozen SFT model; the target becomes
     log R^beta + log P_SFT(v | U), so the balanced policy is P_SFT(v|U) R(v)^beta / Z(U).
-    cfg: config.Config (its ft and tok parts).
+    known: the prior's own top-N with its log P_SFT (see prior_log_p). cfg: config.Config (its ft and tok parts).
     """
     codes = model.item_codes[items]  # (B, M, L)
     if not cfg.ft.rsim_dedup:
@@ -122,8 +144,7 @@ def trajectory_rewards(model: GRModel, items: torch.Tensor, r_c: torch.Tensor, c
         floor = torch.where(seen, cfg.ft.history_floor, cfg.ft.reward_floor)  # (B, M)
     log_r = log_reward(rew["R"], floor=floor, beta=cfg.ft.reward_beta)  # (B, M)
     if prior is not None:
-        with torch.no_grad():
-            log_r = log_r + prior.trajectories(hist, hist_len, items, tree=cfg.ft.prefix_tree)[0].sum(-1)  # + log P_SFT(v | U)
+        log_r = log_r + prior_log_p(prior, hist, hist_len, items, cfg.ft.prefix_tree, known)  # + log P_SFT(v | U)
     return rew, log_r
 
 
@@ -162,7 +183,7 @@ def balance_terms(heads: GFlowNetHeads, objective: str, ft: FinetuneConfig, log_
 
 
 def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: float, cfg, objective: str,
-                 prior: GRModel | None = None, context: tuple | None = None):
+                 prior: GRModel | None = None, context: tuple | None = None, proposals: tuple | None = None):
     """One GFlowGR batch: sample tau', score rewards, compute Eq. (8). Returns loss, parts, stats, terms.
 
     hist (B, S), hist_len (B,), target (B,); progress in [0, 1]: the sampler's curriculum position.
@@ -174,6 +195,8 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     and lambda * L_GFN with their graphs (finetune measures their gradient norms from them).
     prior (--sft-prior): the frozen SFT model (see trajectory_rewards). cm: the CM that scores
     this batch (--cm-crossfit: the CMs that never saw these users, collab.CrossFitCM.held_out).
+    proposals (--candidates prior): the frozen SFT model's top-N of the GFlowNet term's contexts and
+    their log P_SFT, (B, N) each (GFlowGR.proposals): the pool, and the prior's term of the target.
     """
     ft = cfg.ft
     observed = context is None  # the paper's step: tau is column 0 of the GFlowNet's trajectories
@@ -182,7 +205,8 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     # candidates or the r_c mapping (softmax, rank) read them (three calls were ~22% of a Beauty step)
     full = cm.full_scores(g_hist, g_len) if cm.cfg.score != "sigmoid" or sampler.cfg.candidates == "cm" else None  # (B, n_items)
     # Sec. 3.1: K augmented items from the adaptive sampler (+ H history items), with their CM scores
-    aug, r_c_aug = sampler.sample(g_hist, g_len, target, progress, model, full, cm)  # (B, K + H), (B, K + H)
+    aug, r_c_aug = sampler.sample(g_hist, g_len, target, progress, model, full, cm,
+                                  proposals[0] if proposals is not None else None)  # (B, K + H), (B, K + H)
     if observed:
         r_c_obs = cm.score(hist, hist_len, target[:, None], full)  # (B, 1): y_CM(v, U)
         items = torch.cat([target[:, None], aug], 1)  # (B, M): column 0 is the observed trajectory tau
@@ -191,7 +215,7 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
         items, r_c = aug, r_c_aug  # (B, M): augmented trajectories only
     log_pf, h, mem, mask = model.trajectories(g_hist, g_len, items, tree=ft.prefix_tree)  # (B, M, L), (B, M, L, d)
     # Sec. 3.2: R = r_a + r_c + r_sim, and the log-reward the GFlowNet targets
-    rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, g_hist, g_len, observed)  # (B, M)
+    rew, log_r = trajectory_rewards(model, items, r_c, cfg, prior, g_hist, g_len, observed, proposals)  # (B, M)
     w = training_weights(rew["r_a"], r_c, log_r, ft, log_pf)  # (B, M): Eq. (8)'s weight (and --target-weight's)
     log_z, log_flow = balance_terms(heads, objective, ft, log_pf, h, mem, mask, log_r, w)
     # Eq. (1)'s observed trajectory, on its own context when the GFlowNet's is another
@@ -347,7 +371,10 @@ class GFlowGR(Method):
         self.user = train_t["user"]  # (N,) each training sample's user: --cm-crossfit scores it with the CM that never saw them
         self.after = train_t.get("after")  # (N,) --refit-test: the item after each sample's target (see test_contexts)
         ft = cfg.ft
-        self.prior = copy.deepcopy(sft).eval() if ft.sft_prior else None  # the frozen SFT model
+        frozen = copy.deepcopy(sft).eval() if ft.sft_prior or cfg.sampler.candidates == "prior" else None
+        self.prior = frozen if ft.sft_prior else None  # the frozen SFT model of the target
+        # --candidates prior: the frozen model's top-N of every context, searched once (it never changes)
+        self.proposals = self.prior_top(frozen, train_t) if cfg.sampler.candidates == "prior" else None
         # The heads start untrained: their first, huge residuals would flow into the SFT backbone
         # and undo it (on toy, valid HR@10 fell from 0.52 to 0.12 in the first epoch). So the
         # backbone waits `head_warmup` steps while log Z / log F catch up.
@@ -369,7 +396,8 @@ class GFlowGR(Method):
         hl = train_t["hist_len"][b]
         hist, target = trim(train_t["hist"][b], hl), train_t["target"][b]
         _, parts, _, _ = gflowgr_step(self.model, self.heads, self.cm.held_out(self.user[b]), self.sampler, hist, hl, target,
-                                      0.0, self.cfg, self.objective, self.prior, self.context(b, hist, hl, target))
+                                      0.0, self.cfg, self.objective, self.prior, self.context(b, hist, hl, target),
+                                      self.proposals_of(b))
         self.heads.init_offset(float(parts["gfn/balance_offset"]))
 
     def context(self, idx, hist, hist_len, target):
@@ -386,9 +414,31 @@ class GFlowGR(Method):
             hist, hist_len = append_item(hist, hist_len, self.after[idx], self.cfg.data.max_his_len)
         return hist, hist_len
 
+    @torch.no_grad()
+    def prior_top(self, frozen: GRModel, train_t: dict) -> tuple:
+        """--candidates prior: the frozen SFT model's top-N items of every sample's GFlowNet context
+        (`context`) and their log P_SFT, (N_samples, N) each. One beam search per context before the
+        first epoch (and again, identically, on resume), where --candidates policy searches the
+        fine-tuned model every step; the log-probabilities are the --sft-prior term of the target."""
+        t, n_cand = self.cfg.train, self.cfg.sampler.n_candidates
+        rows = torch.arange(len(train_t["target"]), device=train_t["target"].device)
+        tops, log_ps = [], []
+        for b in tqdm(rows.split(t.eval_batch), desc=f"prior top-{n_cand}", leave=False, disable=not distributed.is_main()):
+            hl = train_t["hist_len"][b]
+            hist, target = trim(train_t["hist"][b], hl), train_t["target"][b]
+            top, log_p = frozen.beam_search(*(self.context(b, hist, hl, target) or (hist, hl)), n_cand, n_cand)  # (b, N) each
+            tops.append(top)
+            log_ps.append(log_p)
+        return torch.cat(tops), torch.cat(log_ps)
+
+    def proposals_of(self, idx):
+        """The rows idx of `proposals` (None unless --candidates prior)."""
+        return None if self.proposals is None else (self.proposals[0][idx], self.proposals[1][idx])
+
     def loss(self, idx, hist, hist_len, target, progress, inner):
         loss, parts, stats, terms = gflowgr_step(self.model, self.heads, self.cm.held_out(self.user[idx]), self.sampler, hist, hist_len, target,
-                                                 progress, self.cfg, self.objective, self.prior, self.context(idx, hist, hist_len, target))
+                                                 progress, self.cfg, self.objective, self.prior, self.context(idx, hist, hist_len, target),
+                                                 self.proposals_of(idx))
         return Loss(loss, parts, stats, terms)
 
 

@@ -38,7 +38,10 @@ def inspect_users(sft_model: GRModel, model: GRModel, heads: GFlowNetHeads | Non
     sft_items, sft_scores = sft_model.beam_search(hist, hist_len, cfg.train.beam, cfg.train.topk)
     ft_items, ft_scores = model.beam_search(hist, hist_len, cfg.train.beam, cfg.train.topk)
     if sampler is not None and cm is not None:
-        aug, r_c_aug = sampler.sample(hist, hist_len, target, progress=progress, model=model)  # (B, K)
+        # --candidates prior: the SFT model's own top-N, as the run searched it once per context
+        n = cfg.sampler.n_candidates
+        proposals = sft_model.beam_search(hist, hist_len, n, n)[0] if cfg.sampler.candidates == "prior" else None  # (B, N)
+        aug, r_c_aug = sampler.sample(hist, hist_len, target, progress=progress, model=model, proposals=proposals)  # (B, K)
     else:
         aug, r_c_aug = target.new_empty(len(target), 0), torch.empty(len(target), 0, device=target.device)
     items = torch.cat([target[:, None], aug], 1)  # (B, M): column 0 is the observed item

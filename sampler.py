@@ -14,7 +14,10 @@ would like but never interacted with). `random` picks K candidates uniformly (th
 Where the N candidates come from (the paper does not say): `random` draws them uniformly
 from the catalogue; `policy` takes the current model's own top-N items for U (trie beam
 search, beam N, no gradient), i.e. the unobserved items the generator already ranks high,
-which are the ones the GFlowNet loss can re-rank; `cm` takes the CM's own top-N items for U
+which are the ones the GFlowNet loss can re-rank; `prior` takes the frozen SFT model's top-N
+(ours: the same pool at the start, but fixed, so finetune.py searches it once per context
+before the first epoch and passes it in as `proposals`, with the prior's log P_SFT of each
+item that the --sft-prior target needs); `cm` takes the CM's own top-N items for U
 outside the history and v, the "potential positives" of Sec. 3.1. Items in the history or
 equal to v are replaced by uniform draws (random, policy) or never proposed (cm);
 with `--candidates-history` only v is, so on data where users come back (Yelp: 6.5% of the
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 SAMPLERS = ("adaptive", "random", "none")
-CANDIDATES = ("random", "policy", "cm")
+CANDIDATES = ("random", "policy", "prior", "cm")
 
 
 @dataclass
@@ -45,7 +48,7 @@ class SamplerConfig:
     sampler: str = field(default="adaptive", metadata={"help": "augmented-item sampler: adaptive | random | none"})
     K: int = field(default=3, metadata={"help": "augmented trajectories per sample (0 with --sampler none)"})
     n_candidates: int = field(default=50, metadata={"help": "N: candidates scored by the CM per sample"})
-    candidates: str = field(default="random", metadata={"help": "candidate source: random (uniform) | policy (the model's own top-N) | cm (the CM's top-N)"})
+    candidates: str = field(default="random", metadata={"help": "candidate source: random (uniform) | policy (the model's own top-N, searched every step) | prior (the frozen SFT model's top-N, searched once per context; GFlowGR only) | cm (the CM's top-N)"})
     aug_history: int = field(default=0, metadata={"help": "H: the user's H most recent history items join the K sampled items as augmented trajectories"})
     candidates_history: bool = field(default=False, metadata={"help": "the candidate pool may hold the user's own history items (data with repeat visits, Yelp); off: they are never candidates"})
 
@@ -110,7 +113,7 @@ class TrajectorySampler:
 
     @torch.no_grad()
     def sample(self, hist: torch.Tensor, hist_len: torch.Tensor, target: torch.Tensor, progress: float, model=None,
-               full: torch.Tensor | None = None, cm=None):
+               full: torch.Tensor | None = None, cm=None, proposals: torch.Tensor | None = None):
         """Returns augmented items (B, K + H) and their CM scores r_c (B, K + H), on the device of hist.
 
         Columns 0..K-1 are the sampled items, K..K+H-1 the history items (--aug-history).
@@ -119,15 +122,16 @@ class TrajectorySampler:
         per batch, they serve the CM's top-N and every r_c the mapping reads from them.
         cm: the CM that scores this batch, if not the sampler's own (--cm-crossfit: the CMs
         that never saw these users, collab.CrossFitCM.held_out).
+        proposals (B, N): candidates = "prior": the frozen SFT model's top-N of these contexts.
         """
         cm = self.cm if cm is None else cm
-        aug, r_c = self._sample(hist, hist_len, target, progress, model, full, cm)  # (B, K), (B, K)
+        aug, r_c = self._sample(hist, hist_len, target, progress, model, full, cm, proposals)  # (B, K), (B, K)
         if self.H == 0:
             return aug, r_c
         own = self.recent_history(hist, hist_len, self.H)  # (B, H)
         return torch.cat([aug, own], 1), torch.cat([r_c, cm.score(hist, hist_len, own, full)], 1)
 
-    def _sample(self, hist, hist_len, target, progress, model, full=None, cm=None):
+    def _sample(self, hist, hist_len, target, progress, model, full=None, cm=None, proposals=None):
         """The K sampled augmented items and their r_c (see `sample`)."""
         cm = self.cm if cm is None else cm
         B, dev = target.shape[0], hist.device
@@ -139,6 +143,10 @@ class TrajectorySampler:
             model.eval()  # no dropout while proposing
             top, _ = model.beam_search(hist, hist_len, self.cfg.n_candidates, self.cfg.n_candidates)  # (B, N)
             model.train(was_training)
+        elif self.cfg.candidates == "prior":
+            if proposals is None:
+                raise ValueError("--candidates prior: pass the frozen SFT model's top-N of these contexts as proposals")
+            top = proposals  # (B, N)
         elif self.cfg.candidates == "cm":
             top = self.cm_top(hist, hist_len, target, full, cm)  # (B, N)
         cand = self.candidates(hist, target, top).to(dev)  # (B, N)

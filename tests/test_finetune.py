@@ -475,3 +475,87 @@ def test_init_from_starts_the_fine_tuning_from_that_runs_model(toy_run, monkeypa
     assert torch.equal(seen[0][1], saved_head(src))
     assert any(line.startswith(f"[init] sft-continued starts from the model of {src}") for line in lines)
     assert "+init-" in run_dir(cfg).name
+
+
+def toy_sft(cfg):
+    """The toy SFT model of the session's cached stage, in eval mode."""
+    from gflowgr import GRModel
+
+    ckpt = torch.load(next(Path(cfg.train.out, "toy").glob("sft-*/checkpoint.pt")), weights_only=False)
+    return GRModel.from_state(ckpt["model_args"], ckpt["model"]).eval()
+
+
+def test_prior_log_p_reads_the_prior_top_n_and_decodes_only_rows_outside_it(toy_run, monkeypatch):
+    """prior_log_p with the prior's own top-N (--candidates prior): the beam search's scores are the
+    decoded log P_SFT of the same items (up to float rounding), and only a row holding an item
+    outside the top-N is decoded."""
+    from batches import to_tensors, trim
+
+    cfg = finetune_config(toy_run, "gflowgr-tb")
+    sft = toy_sft(cfg)
+    t = to_tensors(data_mod.split_leave_one_out(data_mod.load_dataset(cfg.data, verbose=False), cfg.data.max_his_len)["valid"], "cpu")
+    hl = t["hist_len"][:12]
+    hist = trim(t["hist"][:12], hl)
+    top, top_log_p = sft.beam_search(hist, hl, 10, 10)  # (12, 10) each
+    items = top[:, [3, 0, 7, 1, 9]].clone()  # (12, 5): drawn from the top-10 in another order
+    outside = next(i for i in range(sft.item_codes.shape[0]) if i not in top[4].tolist())
+    items[4, 2] = outside  # one item of row 4 is not in its top-10
+    decoded = finetune.prior_log_p(sft, hist, hl, items)
+    rows, real = [], sft.trajectories
+
+    def spy(h, *a, **k):
+        rows.append(len(h))
+        return real(h, *a, **k)
+
+    monkeypatch.setattr(sft, "trajectories", spy)
+    got = finetune.prior_log_p(sft, hist, hl, items, known=(top, top_log_p))
+    assert rows == [1]  # row 4 alone was decoded
+    assert torch.allclose(got, decoded, atol=1e-4) and not torch.equal(got[:, 0], got[:, 1])
+    assert torch.allclose(got[0, :2], top_log_p[0, [3, 0]])
+
+
+def test_prior_candidates_are_the_sft_models_top_n_searched_once(toy_run, monkeypatch):
+    """--candidates prior: one beam search of the frozen SFT model per GFlowNet context, before the
+    first epoch; every step's augmented items come from it (or are redraws of v), no step searches."""
+    import sampler as sampler_mod
+    from gflowgr import GRModel
+
+    cfg = finetune_config(toy_run, "gflowgr-tb", gfn_context="next", reward="rc", log_z="vargrad", sft_prior=True)
+    cfg.ft.ft_last, cfg.ft.ft_epochs = 1, 2
+    cfg.sampler.candidates, cfg.sampler.sampler, cfg.sampler.n_candidates, cfg.sampler.K = "prior", "random", 10, 5
+    asked, searches, tables = [], [], []
+    real_sample, real_beam, real_top = (sampler_mod.TrajectorySampler.sample, GRModel.beam_search,
+                                        finetune.GFlowGR.prior_top)
+
+    def sample(self, hist, hist_len, target, *a, **kw):
+        aug, r_c = real_sample(self, hist, hist_len, target, *a, **kw)
+        asked.append((hist, hist_len, target, kw.get("proposals", a[4] if len(a) > 4 else None), aug))
+        return aug, r_c
+
+    def beam(self, *a, **kw):
+        searches.append(len(a[0]))
+        return real_beam(self, *a, **kw)
+
+    def prior_top(self, frozen, train_t):
+        out = real_top(self, frozen, train_t)
+        tables.append((out, len(train_t["target"])))
+        return out
+
+    monkeypatch.setattr(sampler_mod.TrajectorySampler, "sample", sample)
+    monkeypatch.setattr(GRModel, "beam_search", beam)
+    monkeypatch.setattr(finetune.GFlowGR, "prior_top", prior_top)
+    metrics = run(cfg, log=lambda *a: None)
+    assert "+cand-prior+" in run_dir(cfg).name
+    assert len(tables) == 1 and tables[0][0][0].shape == (tables[0][1], 10)
+    n_steps = metrics["finetune"]["step"]
+    for hist, hist_len, target, proposals, aug in asked[: 1 + n_steps]:  # the offset's batch, then every step
+        assert proposals is not None and proposals.shape == (len(target), 10)
+        inside = (aug[:, :, None] == proposals[:, None, :]).any(-1)  # (B, K)
+        # the proposals the sampler redraws uniformly: v and (toy: no --candidates-history) the history's
+        redrawn = (proposals == target[:, None]) | (proposals[:, :, None] == hist[:, None, :]).any(-1)  # (B, N)
+        assert bool(((~inside).sum(1) <= redrawn.sum(1)).all()) and bool(inside.any())
+    # the table is the SFT model's own top-10 of each context (the first step's rows, searched again)
+    hist, hist_len, _, proposals, _ = asked[1]
+    assert torch.equal(real_beam(toy_sft(cfg), hist, hist_len, 10, 10)[0], proposals)
+    # the table's search is the first (one batch of every context)
+    assert searches[0] == tables[0][1] and 0 < metrics["test"]["hr@10"] <= 1

@@ -96,6 +96,20 @@ def test_policy_candidates_are_the_models_top_items_minus_history_and_target():
     assert aug.sort(1).values.tolist() == cand.sort(1).values[:, -3:].tolist()
 
 
+def test_prior_candidates_are_the_proposals_given_and_required():
+    """--candidates prior: the pool is the proposals passed in (the frozen SFT model's top-N, searched
+    once per context by finetune.GFlowGR), minus history and target as for the policy's; no model is asked."""
+    n_items = 1000
+    hist, target = torch.tensor([[0, 5, 7], [100, 101, 102]]), torch.tensor([3, 2])
+    cfg = SamplerConfig(K=3, n_candidates=10, candidates="prior")
+    proposals = torch.arange(500, 510).expand(2, 10).clone()
+    s = TrajectorySampler(FixedCM(n_items), n_items, cfg, seed=0)
+    aug, r_c = s.sample(hist, torch.tensor([3, 3]), target, 1.0, model=None, proposals=proposals)
+    assert aug.tolist() == [[507, 508, 509]] * 2  # the CM's three favourites of the proposals at the curriculum's end
+    with pytest.raises(ValueError, match="proposals"):
+        s.sample(hist, torch.tensor([3, 3]), target, 1.0)
+
+
 class TopCM(FixedCM):
     """FixedCM with full_scores: the CM's ranking of every item is its id (highest id first)."""
 
