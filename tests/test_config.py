@@ -12,13 +12,16 @@ def test_parse_config_preset_then_flags():
 def test_method_presets_apply_to_their_method_alone():
     """Beauty's GFlowGR-TB has its own context, pool and learning rate (config.METHOD_PRESETS); the
     other methods keep the data set's preset, and a flag wins over both, also across --method all."""
-    from config import with_method
+    from config import run_dir, with_method
 
     tb = parse_config(["--dataset", "beauty"])
     assert (tb.train.method, tb.ft.gfn_context, tb.sampler.n_candidates, tb.sampler.K) == ("gflowgr-tb", "next", 50, 50)
     assert (tb.ft.target_weight, tb.ft.weight, tb.ft.lam, tb.ft.ft_lr, tb.ft.refit_test) == (True, False, 1.0, 1e-3, True)
+    # the refit continues the validation model 2 epochs; from SFT it is "refit-cold", and no refit has no warm refit
+    assert tb.ft.refit_epochs == 2 and run_dir(tb).name == "beauty__gflowgr-tb__seed42"
+    assert run_dir(parse_config(["--dataset", "beauty", "--refit-epochs", "0"])).name == "beauty__gflowgr-tb+refit-cold__seed42"
+    assert parse_config(["--dataset", "beauty", "--no-refit-test"]).ft.refit_epochs == 0
     # the preset's test refit goes where the next context goes: --gfn-context same has none, and no "refit-off" name
-    from config import run_dir
     same = parse_config(["--dataset", "beauty", "--gfn-context", "same"])
     assert not same.ft.refit_test and run_dir(same).name == "beauty__gflowgr-tb+ctx-same__seed42"
     assert run_dir(parse_config(["--dataset", "beauty", "--no-refit-test"])).name == "beauty__gflowgr-tb+refit-off__seed42"
