@@ -15,7 +15,7 @@ rejects, with one message each, settings that cannot work.
 A run lives in `runs/<dataset>__[<backbone>__]<method>[+<variant>]__seed<N>/` (`run_dir`);
 a finished run whose config.json equals the config is reused (`finished`).
 
-One concept at ~500 lines: most of it is the presets' comments, which record why each preset
+One concept at ~580 lines: most of it is the presets' comments, which record why each preset
 value won on validation (BENCHMARKS.md has the runs), and `finalize`'s one message per bad setting.
 
 Usage: `cfg = parse_config(["--dataset", "toy", "--method", "gflowgr-tb"])`

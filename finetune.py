@@ -29,7 +29,7 @@ Read it top to bottom:
    norm 1 and evaluation; the epoch with the best valid NDCG@10 is kept. The whole state is
    saved after every epoch, so a killed run resumes to the same numbers.
 
-One concept at ~580 lines: the step, the methods' interface and the loop are read together, Sec. 3.3
+One concept at ~640 lines: the step, the methods' interface and the loop are read together, Sec. 3.3
 top to bottom, and FinetuneConfig's help strings are the flags' documentation.
 
 Usage: `heads, sampler, info = finetune(model, cm, train_t, valid_t, cfg, "gflowgr-tb", logger)`
