@@ -10,12 +10,17 @@ Read it top to bottom:
        L = L_GR(tau) + lambda * sum_{tau in {tau} u tau'} w(tau) * L_GFN(tau),
        w(tau) = 1 / (r_a - r_c)^2,   L_GFN = L_TB (Eq. 6) or L_DB (Eq. 5).
 
-   Under `--gfn-context next` (ours, off) the GFlowNet term moves one item later, to the
-   history with v appended (for a user's newest sample: the whole training sequence, which
-   has no label): only tau' there, L_GR stays on (U, v). That context is the one validation
-   asks about; the test asks one item later, so `--refit-test` (Beauty's default) fits the
-   test's own model on the test contexts (`test_contexts`: the validation item appended, as
-   input only) for the epochs validation chose (pipeline.refit_for_test).
+   Under `--gfn-context next` (ours; Beauty GFlowGR-TB's default) the GFlowNet term moves one
+   item later, to the history with v appended (for a user's newest sample: the whole training
+   sequence, which has no label): only tau' there, v a history item like the others, L_GR stays
+   on (U, v). That context is the one validation asks about; the test asks one item later, so
+   `--refit-test` (Beauty's default) gives the test its own model, fitted on the test contexts
+   (`test_contexts`: the validation item appended, as input only; pipeline.refit_for_test):
+   the validation model continued `--refit-epochs` epochs (Beauty: 2), or with
+   `--refit-epochs 0` a model fitted from SFT for the epochs validation chose.
+   Beauty's GFlowGR-TB preset (config.METHOD_PRESETS) also changes the step's parts: the reward is
+   r_c alone times the SFT prior, the K = N tau' are the policy's whole top-N (no curriculum),
+   log Z is closed-form and the weights are the target's shares instead of Eq. (8)'s (Eq. 7).
 
 2. `Method`: what the loop asks of a fine-tuning method (its loss for a batch, its extra
    parameters, a hook at each epoch, its state for resuming). `GFlowGR` wraps gflowgr_step;
@@ -26,7 +31,9 @@ Read it top to bottom:
    (README, "Adding a method").
 4. `finetune`: the loop. Every method gets the same SFT starting point, optimiser (AdamW,
    the backbone at --ft-lr, a method's extra parameters at --head-lr), epochs, clipping at
-   norm 1 and evaluation; the epoch with the best valid NDCG@10 is kept. The whole state is
+   norm 1 and evaluation; the epoch with the best valid NDCG@10 is kept. (A method's preset may
+   set its own --ft-lr: Beauty's GFlowGR-TB 1e-3, the others 3e-4; and GFlowGR with a log Z / log F
+   head spends its first --head-warmup steps training the head alone.) The whole state is
    saved after every epoch, so a killed run resumes to the same numbers.
 
 One concept at ~640 lines: the step, the methods' interface and the loop are read together, Sec. 3.3
@@ -69,7 +76,7 @@ class FinetuneConfig:
     ft_last: int = field(default=0, metadata={"help": "fine-tune on each user's N most recent training contexts only (0: all of them, the paper's setting). A user's validation and test contexts are their last training context plus one and two items: the contexts nearest to those GFlowGR is judged on"})
     ft_lr: float = field(default=3e-4, metadata={"help": "fine-tuning learning rate of the backbone"})
     head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the log Z / log F heads (larger, as GFlowNets use)"})
-    head_warmup: int = field(default=200, metadata={"help": "first steps train only the log Z / log F heads (backbone frozen)"})
+    head_warmup: int = field(default=200, metadata={"help": "first steps train only the log Z / log F heads: the backbone's learning rate is 0 (its gradients still enter AdamW's moment estimates). None under TB with --log-z vargrad (no head to warm up)"})
     lam: float = field(default=1.0, metadata={"help": "lambda of Eq. (7)/(8): weight of the GFlowNet loss", "flag": "--lambda"})
     reward: str = field(default="ra,rc,rsim", metadata={"help": "reward terms, any subset of ra,rc,rsim (Sec. 3.2)"})
     weight: bool = field(default=True, metadata={"help": "Eq. (8) weighting 1/(r_a - r_c)^2 (--no-weight: Eq. 7)"})
@@ -82,7 +89,7 @@ class FinetuneConfig:
     policy_mix: float = field(default=0.0, metadata={"help": "with --target-weight: the share a of the policy's own probability in the draw the weights stand for, M((1 - a) q_m + a p_m) (losses.policy_share): 0 the target alone, 1 on-policy; a mix also pushes down what the policy over-weights"})
     log_z: str = field(default="user", metadata={"help": "log Z form: user (log Z(U) head) | scalar (the paper's global Z) | vargrad (closed form from each sample's 1 + K trajectories)"})
     log_flow: str = field(default="prefix", metadata={"help": "DB's log F(s_l): head (an MLP on the prefix state) | prefix (the MLP plus the policy's own log-probability of reaching s_l, detached: starts near balance)"})
-    reward_beta: float = field(default=3.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1; 3 was best on Beauty valid)"})
+    reward_beta: float = field(default=3.0, metadata={"help": "reward exponent beta: GFlowNet targets R^beta (paper: 1; 3 was best on Beauty valid for the paper's reward R = r_a + r_c + r_sim; the presets' r_c times the SFT prior: Beauty 1, Yelp 4)"})
     reward_floor: float = field(default=REWARD_FLOOR, metadata={"help": "R is floored here before the log (R = 0 is possible): the lowest target, beta * log floor, below which no item is pushed"})
     history_floor: float = field(default=0.0, metadata={"help": "R of an item in the user's own history is floored here instead of at --reward-floor (0: no separate floor). With --aug-history and a history-filtered CM (r_c = 0) a floor far below --reward-floor pushes the history items down without lowering the observed item's target. Refuted on Beauty: 1e-6 with --aug-history 3 cut valid HR@10 0.0867 -> 0.0626 (BENCHMARKS.md)"})
     sft_prior: bool = field(default=False, metadata={"help": "reward times the frozen SFT likelihood: target P_SFT(v|U) R^beta / Z(U)"})
@@ -204,8 +211,11 @@ def gflowgr_step(model, heads, cm, sampler, hist, hist_len, target, progress: fl
     # the CM's logits of these users over all items, once per batch, where the CM's top-N
     # candidates or the r_c mapping (softmax, rank) read them (three calls were ~22% of a Beauty step)
     full = cm.full_scores(g_hist, g_len) if cm.cfg.score != "sigmoid" or sampler.cfg.candidates == "cm" else None  # (B, n_items)
+    # the item the pool never holds: the label of the GFlowNet's context. Under next that context ends
+    # with v, so it has none, and v is a history item like the others (--candidates-history)
+    label = torch.full_like(target, -1) if ft.gfn_context == "next" else target  # (B,)
     # Sec. 3.1: K augmented items from the adaptive sampler (+ H history items), with their CM scores
-    aug, r_c_aug = sampler.sample(g_hist, g_len, target, progress, model, full, cm,
+    aug, r_c_aug = sampler.sample(g_hist, g_len, label, progress, model, full, cm,
                                   proposals[0] if proposals is not None else None)  # (B, K + H), (B, K + H)
     if observed:
         r_c_obs = cm.score(hist, hist_len, target[:, None], full)  # (B, 1): y_CM(v, U)

@@ -509,7 +509,9 @@ class GFlowNetHeads(nn.Module):
     @torch.no_grad()
     def init_offset(self, value: float) -> None:
         """Start log Z and every log F(s_l) at `value` (the output biases), e.g. the mean of
-        log R - sum_l log P_F over a first batch, so the first residuals are centred at 0."""
+        log R - sum_l log P_F over a first batch, so the first TB residuals are centred at 0 (and
+        DB's under --log-flow prefix; with a bare head every log F starts equal, so the inner DB
+        residuals start at log P_F(t_{l+1} | s_l))."""
         self.z_scalar.fill_(value)
         self.z_user[-1].bias.fill_(value)
         self.flow[-1].bias.fill_(value)

@@ -6,7 +6,7 @@ distribution beam search decodes from. Trajectories are paths in the ID prefix t
 state has exactly one parent and log P_B = 0 throughout (Sec. 2, "P_B = 1").
 
 Shapes: B samples, M = 1 + K trajectories per sample (index 0 is the observed item tau,
-1..K the augmented items tau'), L tokens per ID.
+1..K the augmented items tau'; under --gfn-context next M = K, all augmented), L tokens per ID.
 
 Usage: `loss, parts = gflowgr_loss(log_pf, log_r, log_z=log_z, r_a=r_a, r_c=r_c, objective="tb")`
 """
@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 # R can be 0 (e.g. an augmented item under the r_a-only reward); log R is floored at
-# log(0.01): such an item should get ~1/600 of the observed item's flow (R = 1 + r_c + 4),
+# log(0.01): such an item should get ~1/500 of the observed item's flow at beta 1 (R = 1 + r_c + 3:
+# r_sim counts the 3 semantic levels by default),
 # not -infinity, which would make the squared residual infinite.
 REWARD_FLOOR = 0.01
 # Eq. (8) weight 1 / (r_a - r_c)^2 is unbounded as r_c -> r_a. |r_a - r_c| is floored at
@@ -35,7 +36,7 @@ def gr_loss(log_pf: torch.Tensor) -> torch.Tensor:
 def reward(codes: torch.Tensor, r_c: torch.Tensor, terms=REWARD_TERMS, r_a: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Comprehensive reward of Sec. 3.2 for M = 1 + K trajectories per sample.
 
-    codes (B, M, L): semantic IDs, column 0 the observed item; r_c (B, M): CM scores in [0, 1].
+    codes (B, M, L): semantic IDs, column 0 the observed item (r_sim compares with it); r_c (B, M): CM scores in [0, 1].
     r_a (B, M): default 1 for column 0 and 0 elsewhere; the RL baselines pass 1 where a
     sampled item is the observed one. Returns r_a, r_c, r_sim and R, each (B, M).
     """

@@ -19,10 +19,14 @@ which are the ones the GFlowNet loss can re-rank; `prior` takes the frozen SFT m
 before the first epoch and passes it in as `proposals`, with the prior's log P_SFT of each
 item that the --sft-prior target needs); `cm` takes the CM's own top-N items for U
 outside the history and v, the "potential positives" of Sec. 3.1. Items in the history or
-equal to v are replaced by uniform draws (random, policy) or never proposed (cm);
+equal to v are replaced by uniform draws (random, policy, prior) or never proposed (cm);
+uniform draws are with replacement, so a row of `random` candidates can hold an item twice
+(with N = 50 of Beauty's 12,101 items about one row in ten), and it then counts twice in the loss;
 with `--candidates-history` only v is, so on data where users come back (Yelp: 6.5% of the
 targets are places already visited) the pool keeps the history items the policy or the CM
-rank high, as IPA's pool (the GR's own top-N, baselines.py) does.
+rank high, as IPA's pool (the GR's own top-N, baselines.py) does. v is the label of the
+context the pool is drawn for; where that context has none (`--gfn-context next`: v is its
+newest history item) the caller passes -1 and nothing but the history rule applies.
 
 History trajectories (`--aug-history H`, our addition; the paper does not say whether the
 user's own items may be augmented): the H most recent items of U's history join the K
@@ -69,6 +73,8 @@ class TrajectorySampler:
     def candidates(self, hist: torch.Tensor, target: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         """N items per sample, none equal to the target nor (unless --candidates-history) in the history: (B, N), on the CPU.
 
+        target (B,): the context's label v, never a candidate (-1: the context has none).
+
         start (B, N): proposed items (the policy's top-N, -1 for none); default all uniform.
         Items that are excluded or -1 are redrawn uniformly until none is left; with tiny
         catalogues a few rounds suffice.
@@ -97,7 +103,7 @@ class TrajectorySampler:
         full = torch.cat([full, full.new_zeros(len(full), 1)], 1)  # a spare column for the padding (-1) ids
         if not self.cfg.candidates_history:
             full.scatter_(1, torch.where(hist >= 0, hist, self.n_items), float("-inf"))  # history items
-        full.scatter_(1, target[:, None], float("-inf"))  # the observed item v
+        full.scatter_(1, torch.where(target >= 0, target, self.n_items)[:, None], float("-inf"))  # the observed item v (-1: none)
         return full[:, : self.n_items].topk(self.cfg.n_candidates, dim=1).indices
 
     @staticmethod
@@ -117,6 +123,7 @@ class TrajectorySampler:
         """Returns augmented items (B, K + H) and their CM scores r_c (B, K + H), on the device of hist.
 
         Columns 0..K-1 are the sampled items, K..K+H-1 the history items (--aug-history).
+        target (B,): the context's label v, kept out of the pool; -1 where the context has none.
         model: the generator being fine-tuned; needed for candidates = "policy".
         full: the CM's `full_scores` of these users, if the caller has them: computed once
         per batch, they serve the CM's top-N and every r_c the mapping reads from them.

@@ -254,28 +254,36 @@ def test_crossfit_scores_every_batch_with_the_cms_that_never_saw_its_users(toy_r
 
 def test_gfn_context_next_balances_augmented_items_on_the_context_after_the_observed_item(toy_run, monkeypatch):
     """--gfn-context next: the sampler and the GFlowNet's trajectories see each sample's history with
-    its observed item appended (the newest item of the context is the target), no trajectory is the
+    its observed item appended (the newest item of the context is the target), the pool holds no
+    label out (the target is a history item there: -1 to the sampler), no trajectory is the
     observed one, and L_GR is Eq. (1) on the sample itself: with lambda 0 the step's loss is
     SFT-continued's."""
     import sampler as sampler_mod
     from batches import append_item, trim
     from losses import gr_loss
 
-    asked = []
-    real = sampler_mod.TrajectorySampler.sample
+    asked, targets = [], []
+    real, real_step = sampler_mod.TrajectorySampler.sample, finetune.gflowgr_step
 
-    def spy(self, hist, hist_len, target, *args, **kw):
-        asked.append((hist.clone(), hist_len.clone(), target.clone()))
-        return real(self, hist, hist_len, target, *args, **kw)
+    def spy(self, hist, hist_len, label, *args, **kw):
+        asked.append((hist.clone(), hist_len.clone(), label.clone()))
+        return real(self, hist, hist_len, label, *args, **kw)
+
+    def spy_step(model, heads, cm, smp, hist, hist_len, target, *args, **kw):
+        targets.append(target.clone())
+        return real_step(model, heads, cm, smp, hist, hist_len, target, *args, **kw)
 
     monkeypatch.setattr(sampler_mod.TrajectorySampler, "sample", spy)
+    monkeypatch.setattr(finetune, "gflowgr_step", spy_step)
     cfg = finetune_config(toy_run, "gflowgr-tb", gfn_context="next", reward="rc", log_z="vargrad", sft_prior=True)
     cfg.ft.ft_last = 1
     metrics = run(cfg, log=lambda *a: None)
     n_steps = metrics["finetune"]["step"]
     assert n_steps >= 1 and len(asked) > 1 + n_steps and 0 <= metrics["test"]["hr@10"] <= 1
-    for hist, hist_len, target in asked[: 1 + n_steps]:  # the offset's batch, then every step (the inspection follows)
+    # the offset's batch, then every step (the inspection follows)
+    for (hist, hist_len, label), target in zip(asked[: 1 + n_steps], targets[: 1 + n_steps], strict=True):
         assert torch.equal(hist[torch.arange(len(hist)), hist_len - 1], target)  # the observed item is the newest one
+        assert bool((label == -1).all())  # ... and no label of the context: nothing held out of the pool
     d = run_dir(cfg)
     assert d.name == f"toy__gflowgr-tb+reward-rc+last1+ctx-next__seed{cfg.train.seed}"
     curves = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]

@@ -147,6 +147,21 @@ def test_candidates_history_keeps_the_users_own_items_and_still_drops_the_target
     assert cand[0, 3] != 3 and cand[1, 2] != 2
 
 
+def test_a_context_without_a_label_holds_nothing_out_but_the_history_rule():
+    """target -1 (--gfn-context next: the observed item is the context's newest history item, not
+    its label): no item is redrawn or masked for being the label; the history rule still applies."""
+    n_items = 20
+    hist, hist_len, none = torch.tensor([[19, 17, -1], [3, 2, 1]]), torch.tensor([2, 3]), torch.tensor([-1, -1])
+    s = TrajectorySampler(TopCM(n_items), n_items, SamplerConfig(K=2, n_candidates=4, candidates="cm"))
+    assert s.cm_top(hist, hist_len, none).tolist() == [[18, 16, 15, 14], [19, 18, 17, 16]]
+    s.cfg.candidates_history = True  # --candidates-history: row 0's newest item 17 joins the CM's pool
+    assert s.cm_top(hist, hist_len, none).tolist() == [[19, 18, 17, 16], [19, 18, 17, 16]]
+    policy_cfg = SamplerConfig(K=3, n_candidates=10, candidates="policy", candidates_history=True)
+    top = torch.arange(10).expand(2, 10).clone()
+    cand = TrajectorySampler(FixedCM(1000), 1000, policy_cfg, seed=0).candidates(torch.tensor([[0, 5, 7], [3, 2, 9]]), none, top)
+    assert torch.equal(cand, top)  # nothing redrawn: 7 and 9, each row's newest item, stay
+
+
 def test_sharing_the_cms_full_scores_changes_nothing_and_leaves_them_intact():
     """gflowgr_step computes full_scores once and hands them to the sampler and to r_c."""
     import collab
